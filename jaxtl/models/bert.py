@@ -1,0 +1,234 @@
+"""BERT (Devlin et al., 2019) as a Flax Linen module, parameter-compatible with Hugging Face.
+
+Post-LN encoder: embeddings -> N x [self-attention -> add & norm -> MLP -> add & norm] -> pooler
+(tanh dense on the [CLS] token) -> optional classification head.
+
+Param names follow the Hugging Face layout so that conversion reads as a rename:
+  embeddings/{word,position,token_type}_embeddings/embedding, embeddings/LayerNorm/{scale,bias}
+  encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}, encoder/layer_{i}/attention_norm
+  encoder/layer_{i}/intermediate, encoder/layer_{i}/output, encoder/layer_{i}/output_norm
+  pooler/{kernel,bias}, classifier/{kernel,bias}
+"""
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
+    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+}
+
+# BERT initialises every dense and embedding matrix from N(0, 0.02); a new head starts at zero.
+_init = nn.initializers.normal(stddev=0.02)
+
+
+class SelfAttention(nn.Module):
+  num_heads: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask_bias, train):
+    hidden = x.shape[-1]
+    head_dim = hidden // self.num_heads
+    dense = functools.partial(nn.Dense, hidden, kernel_init=_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
+    q = split(dense(name='query')(x))
+    k = split(dense(name='key')(x))
+    v = split(dense(name='value')(x))
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q / jnp.sqrt(head_dim).astype(q.dtype), k)
+    # Softmax in fp32 even when the matmuls run in bf16.
+    probs = jax.nn.softmax(scores.astype(jnp.float32) + mask_bias, axis=-1).astype(self.dtype)
+    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
+    context = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape[:-1] + (hidden,))
+    return dense(name='output')(context)
+
+
+class EncoderLayer(nn.Module):
+  num_heads: int
+  intermediate_size: int
+  hidden_act: str
+  layer_norm_eps: float
+  hidden_dropout: float
+  attention_dropout: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask_bias, train):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dropout = nn.Dropout(self.hidden_dropout, deterministic=not train)
+    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, **kw)
+
+    y = SelfAttention(self.num_heads, self.attention_dropout, name='attention', **kw)(
+        x, mask_bias, train)
+    x = norm(name='attention_norm')(x + dropout(y))
+
+    y = nn.Dense(self.intermediate_size, kernel_init=_init, name='intermediate', **kw)(x)
+    y = ACTIVATIONS[self.hidden_act](y)
+    y = nn.Dense(x.shape[-1], kernel_init=_init, name='output', **kw)(y)
+    return norm(name='output_norm')(x + dropout(y))
+
+
+class Encoder(nn.Module):
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  hidden_act: str
+  layer_norm_eps: float
+  hidden_dropout: float
+  attention_dropout: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask_bias, train):
+    """Every layer's output, after the input (the embeddings)."""
+    hidden_states = [x]
+    for i in range(self.num_layers):
+      x = EncoderLayer(self.num_heads, self.intermediate_size, self.hidden_act,
+                       self.layer_norm_eps, self.hidden_dropout, self.attention_dropout,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=f'layer_{i}')(
+                           x, mask_bias, train)
+      hidden_states.append(x)
+    return tuple(hidden_states)
+
+
+class Embeddings(nn.Module):
+  vocab_size: int
+  hidden_size: int
+  max_position_embeddings: int
+  type_vocab_size: int
+  layer_norm_eps: float
+  dropout_rate: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, train):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    embed = lambda n, name: nn.Embed(n, self.hidden_size, embedding_init=_init, name=name, **kw)
+    positions = jnp.arange(input_ids.shape[1])[None]
+    x = (embed(self.vocab_size, 'word_embeddings')(input_ids)
+         + embed(self.max_position_embeddings, 'position_embeddings')(positions)
+         + embed(self.type_vocab_size, 'token_type_embeddings')(token_type_ids))
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, name='LayerNorm', **kw)(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+
+class Bert(nn.Module):
+  """BERT encoder + pooler + optional sequence-classification head.
+
+  `__call__(input_ids, attention_mask=None, token_type_ids=None, train=False)` returns
+  `(logits, out)`: logits is None when `num_classes` is None (a headless backbone); `out` holds
+  'hidden_states' (the embedding output and every layer's output), 'encoded' (the last layer),
+  'pooled' and 'pre_logits' (the pooled output the head reads).
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = 'gelu'
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  classifier_dropout: Optional[float] = None  # None: same as hidden_dropout (HF convention).
+  num_classes: Optional[int] = None
+  dtype: Any = jnp.float32          # Compute dtype (bf16 for mixed precision).
+  param_dtype: Any = jnp.float32    # Storage dtype of the params.
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_heads '
+                       f'{self.num_heads}')
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f'hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, train=False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    # Padding keys get a large negative score, broadcast over heads and queries.
+    mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                          jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+    x = Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
+                   self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout,
+                   name='embeddings', **kw)(input_ids, token_type_ids, train)
+    hidden_states = Encoder(self.num_layers, self.num_heads, self.intermediate_size,
+                            self.hidden_act, self.layer_norm_eps, self.hidden_dropout,
+                            self.attention_dropout, name='encoder', **kw)(x, mask_bias, train)
+    x = hidden_states[-1]
+
+    pooled = jnp.tanh(nn.Dense(self.hidden_size, kernel_init=_init, name='pooler', **kw)(x[:, 0]))
+    out = {'hidden_states': hidden_states, 'encoded': x, 'pooled': pooled,
+           'pre_logits': pooled}
+    if self.num_classes is None:
+      return None, out
+    rate = self.hidden_dropout if self.classifier_dropout is None else self.classifier_dropout
+    pooled = nn.Dropout(rate)(pooled, deterministic=not train)
+    logits = nn.Dense(self.num_classes, kernel_init=_init, name='classifier', **kw)(pooled)
+    return logits.astype(jnp.float32), out
+
+  # ---- Block structure, for freezing schemes: stem -> blocks -> neck -> head.
+  @property
+  def num_blocks(self):
+    return self.num_layers
+
+  def param_group(self, path: str):
+    """('stem'|'block'|'neck'|'head', block index or None) for a '/'-joined param path."""
+    top = path.split('/')[0]
+    if top == 'embeddings':
+      return 'stem', None
+    if top == 'encoder':
+      return 'block', int(path.split('/')[1].removeprefix('layer_'))
+    if top == 'pooler':
+      return 'neck', None
+    if top == 'classifier':
+      return 'head', None
+    raise KeyError(f'{path!r} is not a BERT param path')
+
+
+def from_hf_config(cfg: dict, num_classes=None, **overrides) -> Bert:
+  """A Bert for a Hugging Face BertConfig (a dict from config.json)."""
+  kwargs = dict(
+      vocab_size=cfg['vocab_size'], hidden_size=cfg['hidden_size'],
+      num_layers=cfg['num_hidden_layers'], num_heads=cfg['num_attention_heads'],
+      intermediate_size=cfg['intermediate_size'],
+      max_position_embeddings=cfg.get('max_position_embeddings', 512),
+      type_vocab_size=cfg.get('type_vocab_size', 2),
+      layer_norm_eps=cfg.get('layer_norm_eps', 1e-12), hidden_act=cfg.get('hidden_act', 'gelu'),
+      hidden_dropout=cfg.get('hidden_dropout_prob', 0.1),
+      attention_dropout=cfg.get('attention_probs_dropout_prob', 0.1),
+      classifier_dropout=cfg.get('classifier_dropout'), num_classes=num_classes)
+  kwargs.update(overrides)
+  return Bert(**kwargs)
+
+
+# Named variants (hidden, layers, heads, intermediate).
+BertBase = functools.partial(Bert, hidden_size=768, num_layers=12, num_heads=12,
+                             intermediate_size=3072)
+BertLarge = functools.partial(Bert, hidden_size=1024, num_layers=24, num_heads=16,
+                              intermediate_size=4096)
+MiniLML6 = functools.partial(Bert, hidden_size=384, num_layers=6, num_heads=12,
+                             intermediate_size=1536)
+MiniLML12 = functools.partial(Bert, hidden_size=384, num_layers=12, num_heads=12,
+                              intermediate_size=1536)
+BertTiny = functools.partial(Bert, vocab_size=128, hidden_size=32, num_layers=2, num_heads=2,
+                             intermediate_size=64, max_position_embeddings=64)

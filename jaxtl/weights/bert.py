@@ -1,0 +1,80 @@
+"""Hugging Face BERT checkpoints (BertModel, BertForSequenceClassification, BertForPreTraining, ...)
+-> jaxtl.models.bert params.
+
+HF keys are renamed module by module; a torch Linear (out, in) becomes a Flax Dense kernel
+(in, out). Keys may carry the `bert.` prefix of the task models, and old TF-converted checkpoints
+spell LayerNorm params `gamma`/`beta`.
+"""
+import re
+
+from jaxtl.models import bert
+
+# (HF module regex, jaxtl module template, kind). Kinds: linear (weight -> kernel, transposed),
+# embed (weight -> embedding), norm (weight/gamma -> scale, bias/beta -> bias).
+_MODULES = [
+    (r'embeddings\.(word|position|token_type)_embeddings', r'embeddings/\1_embeddings', 'embed'),
+    (r'embeddings\.LayerNorm', 'embeddings/LayerNorm', 'norm'),
+    (r'encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)', r'encoder/layer_\1/attention/\2',
+     'linear'),
+    (r'encoder\.layer\.(\d+)\.attention\.output\.dense', r'encoder/layer_\1/attention/output',
+     'linear'),
+    (r'encoder\.layer\.(\d+)\.attention\.output\.LayerNorm', r'encoder/layer_\1/attention_norm',
+     'norm'),
+    (r'encoder\.layer\.(\d+)\.intermediate\.dense', r'encoder/layer_\1/intermediate', 'linear'),
+    (r'encoder\.layer\.(\d+)\.output\.dense', r'encoder/layer_\1/output', 'linear'),
+    (r'encoder\.layer\.(\d+)\.output\.LayerNorm', r'encoder/layer_\1/output_norm', 'norm'),
+    (r'pooler\.dense', 'pooler', 'linear'),
+    (r'classifier', 'classifier', 'linear'),
+]
+_PARAMS = {
+    'linear': {'weight': ('kernel', True), 'bias': ('bias', False)},
+    'embed': {'weight': ('embedding', False)},
+    'norm': {'weight': ('scale', False), 'gamma': ('scale', False), 'bias': ('bias', False),
+             'beta': ('bias', False)},
+}
+
+# Dropped by default, and said so: buffers that are not params, and pre-training heads
+# (masked-LM and next-sentence prediction) that a classifier never uses.
+DEFAULT_DROP = (r'embeddings\.(position_ids|token_type_ids)', r'cls\..*')
+
+HEAD = r'classifier/.*'
+
+
+def is_bert(config: dict) -> bool:
+  return config.get('model_type') == 'bert' or any(
+      a.startswith('Bert') for a in config.get('architectures') or ())
+
+
+def has_classifier(tensors: dict) -> bool:
+  return 'classifier.weight' in tensors
+
+
+def num_labels(config: dict, tensors: dict):
+  """The checkpoint's own number of classes, when it carries a classifier."""
+  if has_classifier(tensors):
+    return tensors['classifier.weight'].shape[0]
+  return None
+
+
+def strip_prefix(tensors: dict) -> dict:
+  return {k.removeprefix('bert.'): v for k, v in tensors.items()}
+
+
+def convert(tensors: dict):
+  """({jaxtl path: (source key, array)}, [(unmapped source key, array)])."""
+  converted, unmapped = {}, []
+  for key, array in tensors.items():
+    module, _, param = key.rpartition('.')
+    for pattern, template, kind in _MODULES:
+      if re.fullmatch(pattern, module) and param in _PARAMS[kind]:
+        name, transpose = _PARAMS[kind][param]
+        path = re.sub(pattern, template, module) + '/' + name
+        converted[path] = (key, array.T if transpose else array)
+        break
+    else:
+      unmapped.append((key, array))
+  return converted, unmapped
+
+
+def build(config: dict, num_classes):
+  return bert.from_hf_config(config, num_classes=num_classes)

@@ -1,0 +1,82 @@
+"""Reading tensors and configs from the files people have: safetensors (single or sharded) and
+PyTorch pickles (`.bin`, `.pth`, `.pt`), into {name: np.ndarray}."""
+import json
+import pathlib
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from jaxtl.errors import WeightsError
+from jaxtl.weights import torch_pickle
+
+# In order of preference when a directory holds several.
+WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
+                'pytorch_model.bin.index.json')
+
+
+def read_config(directory: pathlib.Path) -> dict:
+  path = directory / 'config.json'
+  if not path.is_file():
+    raise WeightsError(f'{directory}: no config.json (a Hugging Face model directory needs one)')
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise WeightsError(f'{path}: not valid JSON ({e})') from None
+
+
+def find_weights(directory: pathlib.Path) -> pathlib.Path:
+  for name in WEIGHT_FILES:
+    if (directory / name).is_file():
+      return directory / name
+  raise WeightsError(f'{directory}: no weights file (looked for {", ".join(WEIGHT_FILES)})')
+
+
+def read_tensors(path: pathlib.Path) -> dict:
+  """{name: np.ndarray} from one weights file, or from every shard an index.json lists."""
+  path = pathlib.Path(path)
+  if path.name.endswith('.index.json'):
+    try:
+      shards = sorted(set(json.loads(path.read_text())['weight_map'].values()))
+    except (json.JSONDecodeError, KeyError) as e:
+      raise WeightsError(f'{path}: not a valid shard index ({e})') from None
+    tensors = {}
+    for shard in shards:
+      tensors.update(read_tensors(path.parent / shard))
+    return tensors
+  if not path.is_file():
+    raise WeightsError(f'{path}: no such file')
+  if path.suffix == '.safetensors':
+    return _read_safetensors(path)
+  if path.suffix in ('.bin', '.pth', '.pt', '.ckpt'):
+    return torch_pickle.load(path)
+  raise WeightsError(f'{path}: unknown weights format {path.suffix!r} '
+                     '(expected .safetensors, .bin, .pth or .pt)')
+
+
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+    'BOOL': np.bool_,
+}
+
+
+def _read_safetensors(path):
+  """The safetensors layout: u64 header size, a JSON header of {name: dtype, shape, offsets}, then
+  the raw little-endian bytes. Read directly so that bf16 tensors come back as ml_dtypes.bfloat16."""
+  data = path.read_bytes()
+  try:
+    (size,) = struct.unpack('<Q', data[:8])
+    header = json.loads(data[8:8 + size])
+    header.pop('__metadata__', None)
+    tensors = {}
+    for name, info in header.items():
+      begin, end = info['data_offsets']
+      dtype = np.dtype(_SAFETENSORS_DTYPES[info['dtype']])
+      if 8 + size + end > len(data):
+        raise ValueError(f'tensor {name} runs past the end of the file')
+      tensors[name] = np.frombuffer(data, dtype, offset=8 + size + begin,
+                                    count=(end - begin) // dtype.itemsize).reshape(info['shape'])
+    return tensors
+  except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    raise WeightsError(f'{path}: corrupt or truncated safetensors file ({e})') from None

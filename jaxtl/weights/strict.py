@@ -1,0 +1,86 @@
+"""Strict merging of converted tensors into a model's params.
+
+Every source tensor must be used or explicitly dropped; every target param must be filled or
+explicitly new; every shape must match. All problems are reported together, by name and shape.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxtl.errors import WeightsError
+
+_MAX_LISTED = 25
+
+
+def flatten(tree) -> dict:
+  """{'a/b/c': leaf} for a nested dict of params."""
+  return traverse_util.flatten_dict(tree, sep='/')
+
+
+def unflatten(flat: dict):
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _listing(lines):
+  lines = list(lines)
+  shown = '\n    '.join(lines[:_MAX_LISTED])
+  more = f'\n    ... and {len(lines) - _MAX_LISTED} more' if len(lines) > _MAX_LISTED else ''
+  return f'\n    {shown}{more}'
+
+
+def merge(source_name, target_shapes, converted, *, unmapped=(), new=(), dont_load=(),
+          dtype=None):
+  """Params for `target_shapes` ({path: ShapeDtypeStruct}) from `converted`.
+
+  converted: {target path: (source key, array)} as a converter produced it.
+  unmapped: source keys the converter could not place (errors unless dont_load matches them).
+  new: regexes of target paths that start fresh (zero-initialised), e.g. a new head.
+  dont_load: regexes, full-matched against source keys and target paths, of tensors to drop.
+  """
+  drop = lambda *names: any(re.fullmatch(p, n) for p in dont_load for n in names if n)
+  is_new = lambda path: any(re.fullmatch(p, path) for p in new)
+
+  unexpected = [f'{key} {tuple(np.shape(a))}' for key, a in unmapped if not drop(key)]
+  mismatched, params = [], {}
+  for path, (key, array) in converted.items():
+    if drop(key, path) or is_new(path):
+      continue
+    if path not in target_shapes:
+      unexpected.append(f'{key} {tuple(array.shape)} (would go to {path}, which the model lacks)')
+      continue
+    want = target_shapes[path]
+    if tuple(array.shape) != tuple(want.shape):
+      mismatched.append(f'{key} {tuple(array.shape)} -> {path} {tuple(want.shape)}')
+      continue
+    params[path] = jnp.asarray(array, dtype=dtype or want.dtype)
+
+  missing = []
+  for path, want in target_shapes.items():
+    if path in params:
+      continue
+    if is_new(path) or drop(path):
+      params[path] = jnp.zeros(want.shape, dtype or want.dtype)
+    else:
+      missing.append(f'{path} {tuple(want.shape)}')
+
+  problems = []
+  if mismatched:
+    problems.append(f'{len(mismatched)} shape mismatch(es) (source key -> param):'
+                    + _listing(mismatched))
+  if missing:
+    problems.append(f'{len(missing)} model param(s) not in the checkpoint:' + _listing(missing))
+  if unexpected:
+    problems.append(f'{len(unexpected)} checkpoint tensor(s) the model has no place for (drop '
+                    'them with dont_load=[regex]):' + _listing(unexpected))
+  if problems:
+    raise WeightsError(f'{source_name} does not fit the model:\n  ' + '\n  '.join(problems))
+  return unflatten(params)
+
+
+def target_shapes(module, *example_args) -> dict:
+  """{path: ShapeDtypeStruct} of the module's params, without allocating them."""
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))
+  return flatten(variables['params'])
