@@ -145,6 +145,9 @@ class Bert(nn.Module):
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
   classifier_dropout: Optional[float] = None  # None: same as hidden_dropout (HF convention).
+  # 'cls': tanh dense on the [CLS] token (BERT's pooler); 'mean': masked mean of the last layer,
+  # as sentence-transformers models (e.g. all-MiniLM-L6-v2) were trained, with no pooler params.
+  pooling: str = 'cls'
   num_classes: Optional[int] = None
   dtype: Any = jnp.float32          # Compute dtype (bf16 for mixed precision).
   param_dtype: Any = jnp.float32    # Storage dtype of the params.
@@ -153,6 +156,8 @@ class Bert(nn.Module):
     if self.hidden_size % self.num_heads:
       raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_heads '
                        f'{self.num_heads}')
+    if self.pooling not in ('cls', 'mean'):
+      raise ValueError(f"pooling {self.pooling!r} is not 'cls' or 'mean'")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f'hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}')
     super().__post_init__()
@@ -176,7 +181,11 @@ class Bert(nn.Module):
                             self.attention_dropout, name='encoder', **kw)(x, mask_bias, train)
     x = hidden_states[-1]
 
-    pooled = jnp.tanh(nn.Dense(self.hidden_size, kernel_init=_init, name='pooler', **kw)(x[:, 0]))
+    if self.pooling == 'cls':
+      pooled = jnp.tanh(nn.Dense(self.hidden_size, kernel_init=_init, name='pooler', **kw)(x[:, 0]))
+    else:
+      weights = attention_mask[..., None].astype(x.dtype)
+      pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
     out = {'hidden_states': hidden_states, 'encoded': x, 'pooled': pooled,
            'pre_logits': pooled}
     if self.num_classes is None:

