@@ -38,8 +38,7 @@ def create_model(config, num_classes):
     raise ConfigError('config.model needs `source` (pretrained weights) or `name` (a registry '
                       f'model: {", ".join(sorted(models.REGISTRY))})')
   module = models.create(mc.name, num_classes=num_classes, **overrides)
-  example = jnp.zeros((1, 8), jnp.int32)
-  variables = module.init(jax.random.key(config.seed), example)
+  variables = module.init(jax.random.key(config.seed), *module.example_inputs())
   return module, flax.core.unfreeze(variables)
 
 

@@ -50,8 +50,8 @@ def test_shape_mismatch_names_both_keys_and_shapes(tmp_path, tiny_bert_dir):
   msg = str(e.value)
   assert 'shape mismatch' in msg
   assert ('bert.encoder.layer.0.intermediate.dense.weight (37, 32) -> '
-          'encoder/layer_0/intermediate/kernel (32, 40)') in msg
-  assert 'bert.encoder.layer.1.output.dense.weight (32, 37) -> encoder/layer_1/output/kernel (40, 32)' in msg, msg
+          'params/encoder/layer_0/intermediate/kernel (32, 40)') in msg
+  assert 'bert.encoder.layer.1.output.dense.weight (32, 37) -> params/encoder/layer_1/output/kernel (40, 32)' in msg, msg
   assert 'not in the checkpoint' not in msg  # A mismatch is reported once, as a mismatch.
 
 
@@ -65,8 +65,8 @@ def _rewrite(directory, edit):
 def test_missing_tensor_is_reported(tiny_bert_dir):
   directory, _ = tiny_bert_dir
   _rewrite(directory, lambda t: {k: v for k, v in t.items() if 'layer.1.output.dense.bias' not in k})
-  with pytest.raises(WeightsError, match=r'1 model param\(s\) not in the checkpoint:\s+'
-                                         r'encoder/layer_1/output/bias \(32,\)'):
+  with pytest.raises(WeightsError, match=r'1 model variable\(s\) not in the checkpoint:\s+'
+                                         r'params/encoder/layer_1/output/bias \(32,\)'):
     jaxtl.load_pretrained(directory)
 
 

@@ -1,7 +1,8 @@
 """Model registry: `create(name, **overrides)` returns a Flax Linen module.
 
-Every model returns `(logits, out)` and exposes its block structure through `num_blocks` and
-`param_group(path)` ('stem' | 'block' | 'neck' | 'head', block index) for freezing schemes.
+Every model returns `(logits, out)`, gives `example_inputs()` for `init`, and exposes its block
+structure through `num_blocks` and `param_group(path)` ('stem' | 'block' | 'neck' | 'head', block
+index) for freezing schemes.
 """
 from jaxtl.models import bert
 

@@ -195,6 +195,10 @@ class Bert(nn.Module):
     logits = nn.Dense(self.num_classes, kernel_init=_init, name='classifier', **kw)(pooled)
     return logits.astype(jnp.float32), out
 
+  def example_inputs(self):
+    """Arguments for `init` (only their shapes and dtypes matter)."""
+    return (jnp.zeros((1, 8), jnp.int32),)
+
   # ---- Block structure, for freezing schemes: stem -> blocks -> neck -> head.
   @property
   def num_blocks(self):

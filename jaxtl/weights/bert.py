@@ -7,7 +7,10 @@ spell LayerNorm params `gamma`/`beta`.
 """
 import re
 
+from jaxtl.errors import WeightsError
 from jaxtl.models import bert
+
+NAME = 'bert'
 
 # (HF module regex, jaxtl module template, kind). Kinds: linear (weight -> kernel, transposed),
 # embed (weight -> embedding), norm (weight/gamma -> scale, bias/beta -> bias).
@@ -40,37 +43,35 @@ DEFAULT_DROP = (r'(bert\.)?embeddings\.(position_ids|token_type_ids)', r'cls\..*
 HEAD = r'classifier/.*'
 
 
-def is_bert(config: dict) -> bool:
+def matches(checkpoint) -> bool:
+  config = checkpoint.config or {}
   return config.get('model_type') == 'bert' or any(
       a.startswith('Bert') for a in config.get('architectures') or ())
 
 
-def has_classifier(tensors: dict) -> bool:
-  return 'classifier.weight' in tensors
-
-
-def num_labels(config: dict, tensors: dict):
+def own_num_classes(checkpoint):
   """The checkpoint's own number of classes, when it carries a classifier."""
-  if has_classifier(tensors):
-    return tensors['classifier.weight'].shape[0]
-  return None
+  weight = checkpoint.tensors.get('classifier.weight')
+  return None if weight is None else weight.shape[0]
 
 
-def convert(tensors: dict):
-  """({jaxtl path: (source key, array in Flax layout)}, [(unmapped source key, array)])."""
+def build(checkpoint, num_classes, arch=None):
+  if checkpoint.config is None:
+    raise WeightsError(f'{checkpoint.path}: a BERT checkpoint needs its config.json beside it')
+  return bert.from_hf_config(checkpoint.config, num_classes=num_classes)
+
+
+def convert(checkpoint, module=None):
+  """({'params/<path>': (source key, array in Flax layout)}, [(unmapped source key, array)])."""
   converted, unmapped = {}, []
-  for key, array in tensors.items():
-    module, _, param = key.removeprefix('bert.').rpartition('.')
+  for key, array in checkpoint.tensors.items():
+    source_module, _, param = key.removeprefix('bert.').rpartition('.')
     for pattern, template, kind in _MODULES:
-      if re.fullmatch(pattern, module) and param in _PARAMS[kind]:
+      if re.fullmatch(pattern, source_module) and param in _PARAMS[kind]:
         name, transpose = _PARAMS[kind][param]
-        path = re.sub(pattern, template, module) + '/' + name
+        path = 'params/' + re.sub(pattern, template, source_module) + '/' + name
         converted[path] = (key, array.T if transpose else array)
         break
     else:
       unmapped.append((key, array))
   return converted, unmapped
-
-
-def build(config: dict, num_classes):
-  return bert.from_hf_config(config, num_classes=num_classes)

@@ -1,5 +1,6 @@
 """Reading tensors and configs from the files people have: safetensors (single or sharded) and
 PyTorch pickles (`.bin`, `.pth`, `.pt`), into {name: np.ndarray}."""
+import dataclasses
 import json
 import pathlib
 import struct
@@ -13,6 +14,29 @@ from jaxtl.weights import torch_pickle
 # In order of preference when a directory holds several.
 WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin',
                 'pytorch_model.bin.index.json')
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  path: pathlib.Path          # The weights file read.
+  tensors: dict               # {source key: np.ndarray}, as stored.
+  config: dict | None         # config.json beside it, if any.
+
+  @property
+  def directory(self):
+    return self.path.parent
+
+
+def read_checkpoint(path: pathlib.Path) -> Checkpoint:
+  """A Hugging Face directory (config.json + weights) or a single weights file."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    config = read_config(path)
+    weights = find_weights(path)
+  else:
+    weights = path
+    config = read_config(path.parent) if (path.parent / 'config.json').is_file() else None
+  return Checkpoint(weights, read_tensors(weights), config)
 
 
 def read_config(directory: pathlib.Path) -> dict:

@@ -31,19 +31,30 @@ def _listing(lines):
   return f'\n    {shown}{more}'
 
 
+def matches(pattern, *names) -> bool:
+  """Whether a dont_load / new regex full-matches any of the names. A variable path also counts
+  without its 'params/' prefix, so users write param paths as freezing schemes do."""
+  for name in names:
+    if name and (re.fullmatch(pattern, name) or (
+        name.startswith('params/') and re.fullmatch(pattern, name[len('params/'):]))):
+      return True
+  return False
+
+
 def merge(source_name, target_shapes, converted, *, source_shapes=None, unmapped=(), new=(),
           dont_load=(), dtype=None):
-  """Params for `target_shapes` ({path: ShapeDtypeStruct}) from `converted`.
+  """Variables for `target_shapes` ({variable path: ShapeDtypeStruct}) from `converted`.
 
-  converted: {target path: (source key, array)} as a converter produced it (Flax layout).
+  Variable paths start with their collection ('params/encoder/...', 'batch_stats/...').
+  converted: {variable path: (source key, array)} as a converter produced it (Flax layout).
   source_shapes: {source key: shape as stored}, for messages (a torch Linear is (out, in)).
   unmapped: source keys the converter could not place (errors unless dont_load matches them).
-  new: regexes of target paths that start fresh (zero-initialised), e.g. a new head.
-  dont_load: regexes, full-matched against source keys and target paths, of tensors to drop.
+  new: regexes of param paths that start fresh (zero-initialised), e.g. a new head.
+  dont_load: regexes, full-matched against source keys and param paths, of tensors to drop.
   """
   source_shapes = source_shapes or {}
-  drop = lambda *names: any(re.fullmatch(p, n) for p in dont_load for n in names if n)
-  is_new = lambda path: any(re.fullmatch(p, path) for p in new)
+  drop = lambda *names: any(matches(p, *names) for p in dont_load)
+  is_new = lambda path: any(matches(p, path) for p in new)
 
   unexpected = [f'{key} {tuple(np.shape(a))}' for key, a in unmapped if not drop(key)]
   mismatched, params = {}, {}  # mismatched: {target path: message}
@@ -74,7 +85,7 @@ def merge(source_name, target_shapes, converted, *, source_shapes=None, unmapped
     problems.append(f'{len(mismatched)} shape mismatch(es) (source key -> param):'
                     + _listing(mismatched.values()))
   if missing:
-    problems.append(f'{len(missing)} model param(s) not in the checkpoint:' + _listing(missing))
+    problems.append(f'{len(missing)} model variable(s) not in the checkpoint:' + _listing(missing))
   if unexpected:
     problems.append(f'{len(unexpected)} checkpoint tensor(s) the model has no place for (drop '
                     'them with dont_load=[regex]):' + _listing(unexpected))
@@ -84,6 +95,6 @@ def merge(source_name, target_shapes, converted, *, source_shapes=None, unmapped
 
 
 def target_shapes(module, *example_args) -> dict:
-  """{path: ShapeDtypeStruct} of the module's params, without allocating them."""
+  """{variable path: ShapeDtypeStruct} of all the module's variables, without allocating them."""
   variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))
-  return flatten(variables['params'])
+  return flatten(variables)
