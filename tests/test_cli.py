@@ -61,3 +61,30 @@ def test_batch_not_divisible_by_devices(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
   code, out = run(*SMOKE, '--workdir', str(tmp_path / 'w'), '--config.freeze.scheme=nope', '--debug')
   assert code != 0 and 'Traceback' in out and 'SchemeError' in out
+
+
+def test_missing_config_file_and_bad_value(tmp_path):
+  code, out = run('--config', str(tmp_path / 'nope.py'), '--workdir', str(tmp_path / 'w'))
+  _assert_clean_error(code, out, 'error: --config:', 'nope.py')
+  code, out = run(*SMOKE, '--workdir', str(tmp_path / 'w'), '--config.optim.lr=fast')
+  _assert_clean_error(code, out, '--config.optim.lr=fast', "could not convert string to float")
+
+
+def test_empty_data_file(tmp_path, tiny_bert_dir):
+  directory, _ = tiny_bert_dir
+  (tmp_path / 'train.csv').write_text('text,label\n')
+  code, out = run(*SMOKE, '--workdir', str(tmp_path / 'w'), f'--config.model.source={directory}',
+                  '--config.data.kind=csv', f'--config.data.path={tmp_path / "train.csv"}')
+  _assert_clean_error(code, out, f'error: {tmp_path / "train.csv"}: empty data file')
+
+
+def test_checkpoint_without_config_json(tmp_path, tiny_bert_dir):
+  from transformers import BertTokenizerFast
+  directory, _ = tiny_bert_dir
+  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'good', 'bad']
+  BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(directory)
+  (directory / 'config.json').unlink()
+  (tmp_path / 'd.csv').write_text('text,label\n' + 'good,pos\nbad,neg\n' * 8)
+  code, out = run(*SMOKE, '--workdir', str(tmp_path / 'w'), f'--config.model.source={directory}',
+                  '--config.data.kind=csv', f'--config.data.path={tmp_path / "d.csv"}')
+  _assert_clean_error(code, out, f'error: {directory}: no config.json')
