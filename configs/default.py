@@ -19,7 +19,8 @@ def get_config():
                      test_fraction=0.2, max_length=96, text_field='', label_field='',
                      num_classes=0, name='', train_split='', test_split='', tokenizer='')
   # Everything trains; the new, zero-initialised head (group 'head') with a 20x higher LR.
-  config.freeze = dict(scheme='full')
+  # type_safe=False: a scheme may be a preset name, a list of rules or a function.
+  config.freeze = ml_collections.ConfigDict(dict(scheme='full'), type_safe=False)
   config.optim = dict(name='adamw', lr=1e-4, lr_mult=dict(head=20.0), weight_decay=0.01,
                       warmup_fraction=0.1, schedule='linear', clip_norm=1.0, b1=0.9, b2=0.999,
                       eps=1e-8)

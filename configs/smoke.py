@@ -16,7 +16,8 @@ def get_config():
   config.data = dict(kind='synthetic', num_classes=4, path='', test_path='', test_fraction=0.2,
                      max_length=16, text_field='', label_field='', name='', train_split='',
                      test_split='', tokenizer='')
-  config.freeze = dict(scheme='full')
+  # type_safe=False: a scheme may be a preset name, a list of rules or a function.
+  config.freeze = ml_collections.ConfigDict(dict(scheme='full'), type_safe=False)
   config.optim = dict(name='adamw', lr=5e-3, weight_decay=0.01, warmup_fraction=0.1,
                       schedule='linear', clip_norm=1.0)
   config.batch_size = 32
