@@ -6,13 +6,15 @@ import time
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from jaxtl import checkpoint, data as data_lib, freeze, metrics, models, parallel, weights
-from jaxtl.data import text as text_data
+from jaxtl import checkpoint, data as data_lib, freeze, lora, metrics, models, parallel, weights
+from jaxtl.data import images as image_data, text as text_data
 from jaxtl.errors import ConfigError, JaxtlError
 
 
@@ -28,18 +30,27 @@ class TrainState(flax.struct.PyTreeNode):
 # Model and optimizer.
 # ---------------------------------------------------------------------------------------------
 def create_model(config, num_classes):
-  """(module, variables) from config.model: a pretrained `source`, or a registry `name`."""
+  """(module, variables) from config.model: a pretrained `source`, or a registry `name`; with
+  LoRA adapters when config.model.lora.rank > 0."""
   mc = config.model
   overrides = dict(mc.get('overrides') or {})
   if mc.get('source'):
-    return weights.load_pretrained(mc.source, num_classes=num_classes,
-                                   dont_load=tuple(mc.get('dont_load') or ()), overrides=overrides)
-  if not mc.get('name'):
+    module, variables = weights.load_pretrained(
+        mc.source, arch=mc.get('arch') or None, num_classes=num_classes,
+        dont_load=tuple(mc.get('dont_load') or ()), overrides=overrides)
+  elif mc.get('name'):
+    module = models.create(mc.name, num_classes=num_classes, **overrides)
+    variables = flax.core.unfreeze(jax.jit(module.init)(jax.random.key(config.seed),
+                                                        *module.example_inputs()))
+  else:
     raise ConfigError('config.model needs `source` (pretrained weights) or `name` (a registry '
                       f'model: {", ".join(sorted(models.REGISTRY))})')
-  module = models.create(mc.name, num_classes=num_classes, **overrides)
-  variables = module.init(jax.random.key(config.seed), *module.example_inputs())
-  return module, flax.core.unfreeze(variables)
+  adapters = dict(mc.get('lora') or {})
+  if adapters.get('rank'):
+    module, variables = lora.add_adapters(module, variables, seed=config.seed, **adapters)
+    n_adapter, n_total = lora.count(variables)
+    print(f'LoRA: {n_adapter:,} adapter params ({100 * n_adapter / n_total:.2f}% of {n_total:,})')
+  return module, variables
 
 
 def make_schedule(optim, total_steps):
@@ -68,28 +79,19 @@ def make_optimizer(optim, labels, total_steps):
   """Clipping over the trainable subtree, then one optimizer per trainable group."""
   schedule = make_schedule(optim, total_steps)
   name = optim.get('name', 'adamw')
-  lr_mult = dict(optim.get('lr_mult') or {})
-  groups = set(jax.tree_util.tree_leaves(freeze.trainable_labels(labels)))
-  unknown = sorted(set(lr_mult) - groups)
-  if unknown:
-    raise ConfigError(f'config.optim.lr_mult names group(s) {unknown} that the freeze scheme does '
-                      f'not produce; trainable groups: {sorted(groups)}')
 
-  def make_tx(group):
-    # A group's multiplier scales its whole schedule (warmup and decay alike).
-    mult = lr_mult.get(group, 1.0)
-    lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
+  def make_tx(group):  # The same optimizer for every group; partition scales each group's LR.
     if name == 'adamw':
-      return optax.adamw(lr, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
+      return optax.adamw(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
                          eps=optim.get('eps', 1e-8), weight_decay=optim.get('weight_decay', 0.0),
                          mask=_decay_mask)
     if name == 'sgd':
       return optax.chain(optax.add_decayed_weights(optim.get('weight_decay', 0.0), _decay_mask),
-                         optax.sgd(lr, momentum=optim.get('momentum', 0.9) or None,
+                         optax.sgd(schedule, momentum=optim.get('momentum', 0.9) or None,
                                    nesterov=optim.get('nesterov', False)))
     raise ConfigError(f'config.optim.name {name!r} is not one of adamw, sgd')
 
-  tx = freeze.partition(make_tx, labels)
+  tx = freeze.partition(make_tx, labels, optim.get('lr_mult'))
   if optim.get('clip_norm'):
     tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
   return tx, schedule
@@ -106,18 +108,49 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state, batch, *, module, tx, labels):
+BN_MODES = ('follow_freeze', 'train', 'eval')
+
+
+def frozen_batchnorms(model_state, labels, bn_mode='follow_freeze') -> frozenset:
+  """Paths ('layer1/block_0/bn1') of the BatchNorm layers that run on their running statistics,
+  and never update them, while training: those whose scale is frozen ('follow_freeze', Keras
+  semantics), all of them ('eval') or none ('train', PyTorch's model.train())."""
+  if bn_mode not in BN_MODES:
+    raise ConfigError(f'config.bn_mode {bn_mode!r} is not one of {", ".join(BN_MODES)}')
+  bns = {path.rsplit('/', 1)[0] for path in freeze.flatten(model_state.get('batch_stats', {}))}
+  if bn_mode != 'follow_freeze':
+    return frozenset(bns if bn_mode == 'eval' else ())
+  flat_labels = freeze.flatten(labels)
+  return frozenset(bn for bn in bns if flat_labels.get(f'{bn}/scale', flat_labels.get(
+      f'{bn}/bias')) == freeze.FROZEN)
+
+
+def _batchnorm_eval(frozen_bns):
+  """A Flax interceptor that makes the listed BatchNorm layers normalise with their running
+  statistics (so they also leave them as they are). Models call BN as bn(x, use_running_average=
+  not train), which this overrides per layer; no model needs to know about freezing."""
+  def intercept(next_fun, args, kwargs, context):
+    if (isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__'
+        and '/'.join(context.module.path) in frozen_bns):
+      kwargs = {**kwargs, 'use_running_average': True}
+    return next_fun(*args, **kwargs)
+  return nn.intercept_methods(intercept)
+
+
+def train_step(state, batch, *, module, tx, labels, frozen_bns=frozenset()):
   """One update. Only the trainable subtree is differentiated: frozen params enter the loss as
-  constants, so no backward pass runs through a frozen prefix."""
+  constants, so no backward pass runs through a frozen prefix. BatchNorm layers in `frozen_bns`
+  run in inference mode."""
   trainable, frozen = freeze.split(state.params, labels)
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   mutable = list(state.model_state)
 
   def loss_fn(trainable):
     variables = {'params': freeze.merge(trainable, frozen), **state.model_state}
-    (logits, _), new_model_state = module.apply(
-        variables, **_model_inputs(batch), train=True, rngs={'dropout': dropout_rng},
-        mutable=mutable)
+    with _batchnorm_eval(frozen_bns):
+      (logits, _), new_model_state = module.apply(
+          variables, **_model_inputs(batch), train=True, rngs={'dropout': dropout_rng},
+          mutable=mutable)
     return cross_entropy(logits, batch['label']).mean(), (logits, new_model_state)
 
   (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -139,9 +172,15 @@ def eval_step(state, batch, *, module):
           'count': jnp.sum(mask)}
 
 
-def evaluate(p_eval_step, state, arrays, batch_size, mesh):
+def _prepare(data, batch, **kwargs):
+  """Image data keeps uint8 pixels and augments / normalises per batch; text batches are ready."""
+  return data.prepare(batch, **kwargs) if hasattr(data, 'prepare') else batch
+
+
+def evaluate(p_eval_step, state, data, batch_size, mesh):
   totals = None
-  for batch in data_lib.batches(arrays, batch_size):
+  for batch in data_lib.batches(data.test, batch_size):
+    batch = _prepare(data, batch, train=False)
     out = p_eval_step(state, parallel.shard_batch(batch, mesh))
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
   totals = jax.device_get(totals)
@@ -153,6 +192,11 @@ def evaluate(p_eval_step, state, arrays, batch_size, mesh):
 # The loop.
 # ---------------------------------------------------------------------------------------------
 def load_data(config):
+  if config.data.kind in image_data.KINDS:
+    # Normalisation, input size and crop come with the weights (config.data fields override).
+    source = config.model.get('source')
+    cfg = weights.pretrained_cfg(source, arch=config.model.get('arch') or None) if source else None
+    return image_data.load(config.data, cfg, seed=config.seed)
   if config.data.kind != 'synthetic' and not config.model.get('source'):
     if not config.data.get('tokenizer'):
       raise ConfigError('config.data.tokenizer is needed when config.model has no pretrained source')
@@ -175,15 +219,62 @@ def _prepare_workdir(workdir):
   return workdir
 
 
+PHASE_FIELDS = ('freeze', 'optim', 'num_epochs', 'bn_mode')
+
+
+def phases_of(config) -> list:
+  """The training phases: `config.phases`, a list of dicts that each set some of freeze, optim,
+  num_epochs, bn_mode (the rest come from the top level), or the top-level config as one phase.
+
+  Each phase starts a fresh optimizer (and schedule) over its own trainable params; params and
+  BatchNorm statistics carry over. E.g. the classic transfer recipe: a frozen base with a new head
+  trained by Adam, then the top blocks unfrozen and trained on by SGD at a low learning rate."""
+  top = dict(freeze=config.get('freeze'), optim=config.get('optim'),
+             num_epochs=config.get('num_epochs'), bn_mode=config.get('bn_mode') or 'follow_freeze')
+  phases = []
+  for i, phase in enumerate(config.get('phases') or [{}]):
+    phase = dict(phase)
+    unknown = sorted(set(phase) - set(PHASE_FIELDS))
+    if unknown:
+      raise ConfigError(f'config.phases[{i}] has unknown field(s) {unknown}; a phase sets '
+                        f'{", ".join(PHASE_FIELDS)}')
+    merged = ml_collections.ConfigDict({**top, **phase})
+    for field in PHASE_FIELDS:
+      if merged.get(field) is None:
+        raise ConfigError(f'config.phases[{i}].{field} (or config.{field}) is missing')
+    phases.append(merged)
+  return phases
+
+
+def _segments(phases, ends, module, steps_per_epoch):
+  """(begin, end, phase index, unfreeze step or None): the stretches of steps that each train one
+  set of params. A gradual_unfreeze phase splits into one stretch per unfreezing step; the last
+  one runs to the end of the phase."""
+  for index, phase in enumerate(phases):
+    begin, end = (ends[index - 1] if index else 0), ends[index]
+    gradual = freeze.unfreeze_phases(phase.freeze.scheme, module)
+    if gradual is None:
+      yield begin, end, index, None
+      continue
+    every, unit, count = gradual
+    length = every * (steps_per_epoch if unit == 'epochs' else 1)
+    for unfreeze in range(count):
+      start = begin + unfreeze * length
+      if start >= end:
+        break
+      yield start, (end if unfreeze == count - 1 else min(end, start + length)), index, unfreeze
+
+
 def train_and_evaluate(config, workdir) -> dict:
-  """Trains per `config`, evaluating on the test split each epoch; returns the final metrics."""
+  """Trains per `config`, phase by phase, evaluating on the test split each epoch; returns the
+  final metrics."""
   t_start = time.time()
   data = load_data(config)
   workdir = _prepare_workdir(workdir)
   num_classes = len(data.class_names)
   module, variables = create_model(config, num_classes)
   params = variables.pop('params')
-  labels = freeze.label_params(params, config.freeze.scheme, module)
+  model_state = variables  # e.g. batch_stats; {} for BERT.
 
   mesh = parallel.make_mesh(config.get('mesh', {}).get('data'))
   parallel.check_batch_size(config.batch_size, mesh)
@@ -192,66 +283,93 @@ def train_and_evaluate(config, workdir) -> dict:
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size = {config.batch_size} is larger than the '
                       f'{n_train} training examples')
-  total_steps = config.num_epochs * steps_per_epoch
-  tx, schedule = make_optimizer(config.optim, labels, total_steps)
-  trainable, _ = freeze.split(params, labels)
-
-  repl = parallel.replicated(mesh)
-  state = jax.device_put(TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-      opt_state=tx.init(trainable), rng=jax.random.PRNGKey(config.seed)), repl)
-  print(freeze.summary(params, labels, state.opt_state))
+  phases = phases_of(config)
+  # Phase i covers the global steps (ends[i - 1], ends[i]].
+  ends = np.cumsum([phase.num_epochs * steps_per_epoch for phase in phases]).tolist()
+  total_steps = ends[-1]
 
   ckpt = checkpoint.manager(workdir)
-  state = checkpoint.restore_latest(ckpt, state)
-  start_step = int(state.step)
-  if start_step:
-    print(f'Resumed from {ckpt.directory}/{start_step}')
+  latest = ckpt.latest_step() or 0
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   (workdir / 'classes.json').write_text(json.dumps(data.class_names))
 
+  repl = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharded(mesh)
-  p_train_step = jax.jit(
-      lambda s, b: train_step(s, b, module=module, tx=tx, labels=labels),
-      in_shardings=(repl, batch_sharding), out_shardings=(repl, repl), donate_argnums=0)
   p_eval_step = jax.jit(lambda s, b: eval_step(s, b, module=module),
                         in_shardings=(repl, batch_sharding), out_shardings=repl)
-
   writer, table = metrics.JsonlWriter(workdir), metrics.EpochTable()
-  bar = metrics.progress(total_steps, start_step, 'train')
-  step, result = start_step, {}
-  while step < total_steps:
-    epoch, skip = divmod(step, steps_per_epoch)
-    sums, n, t_epoch = {}, 0, time.time()
-    for batch in data_lib.batches(data.train, config.batch_size, seed=config.seed, epoch=epoch,
-                                  shuffle=True, drop_remainder=True, start=skip):
-      state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh))
-      step += 1
-      n += 1
-      sums = jax.tree_util.tree_map(jnp.add, sums, step_metrics) if sums else step_metrics
-      if step % config.log_every_steps == 0 or step == total_steps:
-        logged = jax.device_get(step_metrics)
-        if not np.isfinite(logged['loss']):
-          raise JaxtlError(f'step {step}: the loss is {logged["loss"]} (non-finite); lower '
-                           'config.optim.lr or check the data')
-        writer.write(step, split='train', lr=schedule(step - 1), **logged)
-        bar.set_postfix(loss=f'{logged["loss"]:.4f}',
-                        ex_s=f'{n * config.batch_size / (time.time() - t_epoch):.1f}')
-      bar.update(1)
-      if step % config.checkpoint_every_steps == 0:
-        checkpoint.save(ckpt, state)
-    train_means = {k: float(v) / max(n, 1) for k, v in jax.device_get(sums).items()}
-    test = evaluate(p_eval_step, state, data.test, config.batch_size, mesh)
-    writer.write(step, split='test', epoch=epoch + 1, **test)
-    result = {'epoch': epoch + 1, 'step': step, 'train_loss': train_means.get('loss', float('nan')),
-              'train_acc': train_means.get('accuracy', float('nan')), 'test_loss': test['loss'],
-              'test_acc': test['accuracy']}
-    table.row(**result, **{'ex/s': round(n * config.batch_size / (time.time() - t_epoch), 1),
-                           'time': f'{time.time() - t_start:.0f}s'})
+  bar = metrics.progress(total_steps, min(latest, total_steps), 'train')
+  step, result, state = 0, {}, None
+
+  for begin, end, index, unfreeze in _segments(phases, ends, module, steps_per_epoch):
+    if latest > end:  # Finished before a restart; a later checkpoint holds what it did.
+      continue
+    phase = phases[index]
+    phase_begin = ends[index - 1] if index else 0
+    labels = freeze.label_params(params, phase.freeze.scheme, module, phase=unfreeze)
+    tx, schedule = make_optimizer(phase.optim, labels, ends[index] - phase_begin)
+    frozen_bns = frozen_batchnorms(model_state, labels, phase.bn_mode)
+    opt_state = tx.init(freeze.split(params, labels)[0])
+    if unfreeze and state is not None:  # Gradual unfreezing: groups already training go on.
+      opt_state = freeze.carry_opt_state(state.opt_state, opt_state)
+    state = jax.device_put(TrainState(
+        step=jnp.asarray(begin, jnp.int32), params=params, model_state=model_state,
+        opt_state=opt_state, rng=jax.random.PRNGKey(config.seed)), repl)
+    if len(phases) > 1 or unfreeze is not None:
+      print(f'Phase {index + 1}/{len(phases)}'
+            + (f', unfreezing step {unfreeze + 1}' if unfreeze is not None else '')
+            + f': freeze {phase.freeze.scheme!r}, {phase.optim.get("name", "adamw")} lr '
+              f'{phase.optim.lr}, steps {begin}-{end}')
+    print(freeze.summary(params, labels, state.opt_state))
+    if begin < latest:
+      state = checkpoint.restore_latest(ckpt, state)
+      print(f'Resumed from {ckpt.directory}/{int(state.step)}')
+
+    p_train_step = jax.jit(
+        lambda s, b: train_step(s, b, module=module, tx=tx, labels=labels, frozen_bns=frozen_bns),
+        in_shardings=(repl, batch_sharding), out_shardings=(repl, repl), donate_argnums=0)
+    step = int(state.step)
+    while step < end:
+      epoch, skip = divmod(step, steps_per_epoch)  # Epochs count on across phases.
+      sums, n, t_epoch = {}, 0, time.time()
+      for batch in data_lib.batches(data.train, config.batch_size, seed=config.seed, epoch=epoch,
+                                    shuffle=True, drop_remainder=True, start=skip):
+        batch = _prepare(data, batch, train=True, seed=config.seed, epoch=epoch, step=step)
+        state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh))
+        step += 1
+        n += 1
+        sums = jax.tree_util.tree_map(jnp.add, sums, step_metrics) if sums else step_metrics
+        if step % config.log_every_steps == 0 or step == end:
+          logged = jax.device_get(step_metrics)
+          if not np.isfinite(logged['loss']):
+            raise JaxtlError(f'step {step}: the loss is {logged["loss"]} (non-finite); lower '
+                             'config.optim.lr or check the data')
+          writer.write(step, split='train', lr=schedule(step - 1 - phase_begin), **logged)
+          bar.set_postfix(loss=f'{logged["loss"]:.4f}',
+                          ex_s=f'{n * config.batch_size / (time.time() - t_epoch):.1f}')
+        bar.update(1)
+        if step % config.checkpoint_every_steps == 0:
+          checkpoint.save(ckpt, state)
+        if step == end:  # A segment may end inside an epoch (gradual unfreezing by steps).
+          break
+      if step % steps_per_epoch:
+        continue  # Evaluate at epoch ends only.
+      train_means = {k: float(v) / max(n, 1) for k, v in jax.device_get(sums).items()}
+      test = evaluate(p_eval_step, state, data, config.batch_size, mesh)
+      writer.write(step, split='test', epoch=epoch + 1, **test)
+      result = {'epoch': epoch + 1, 'step': step,
+                'train_loss': train_means.get('loss', float('nan')),
+                'train_acc': train_means.get('accuracy', float('nan')), 'test_loss': test['loss'],
+                'test_acc': test['accuracy']}
+      if len(phases) > 1:
+        result['phase'] = index + 1
+      table.row(**result, **{'ex/s': round(n * config.batch_size / (time.time() - t_epoch), 1),
+                             'time': f'{time.time() - t_start:.0f}s'})
+    checkpoint.save(ckpt, state)  # A segment ends on a checkpoint: the next one resumes from it.
+    params, model_state = state.params, state.model_state
   bar.close()
-  checkpoint.save(ckpt, state)
   if not result:  # Resumed a finished run: evaluate what is there.
-    test = evaluate(p_eval_step, state, data.test, config.batch_size, mesh)
+    test = evaluate(p_eval_step, state, data, config.batch_size, mesh)
     result = {'step': step, 'test_loss': test['loss'], 'test_acc': test['accuracy']}
   result['wall_time_s'] = round(time.time() - t_start, 1)
   print(f'Done: test accuracy {result["test_acc"]:.4f} after {step} steps '

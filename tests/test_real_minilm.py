@@ -47,7 +47,7 @@ def test_real_minilm_sentence_embeddings_make_sense():
   module, variables = jaxtl.load_pretrained(SOURCE, dont_load=[r'pooler\..*'],
                                             overrides={'pooling': 'mean'})
   _, out = module.apply(variables, enc['input_ids'], attention_mask=enc['attention_mask'])
-  emb = np.asarray(out['pooled'])
+  emb = np.array(out['pooled'])
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)
   related, unrelated = emb[0] @ emb[1], emb[0] @ emb[2]
   assert related > 0.5 and unrelated < 0.2, (related, unrelated)

@@ -5,6 +5,8 @@ structure through `num_blocks` and `param_group(path)` ('stem' | 'block' | 'neck
 index) for freezing schemes.
 """
 from jaxtl.models import bert
+from jaxtl.models import mobilenet_v2, resnet, vgg
+from jaxtl.models import vit
 
 REGISTRY = {
     'bert-base': bert.BertBase,
@@ -12,6 +14,28 @@ REGISTRY = {
     'minilm-l6': bert.MiniLML6,
     'minilm-l12': bert.MiniLML12,
     'bert-tiny': bert.BertTiny,
+    'resnet18': resnet.ResNet18,
+    'resnet34': resnet.ResNet34,
+    'resnet50': resnet.ResNet50,
+    'resnet101': resnet.ResNet101,
+    'resnet152': resnet.ResNet152,
+    'keras_resnet50': resnet.KerasResNet50,
+    'mobilenet_v2': mobilenet_v2.MobileNetV2,
+    'vgg11': vgg.VGG11,
+    'vgg13': vgg.VGG13,
+    'vgg16': vgg.VGG16,
+    'vgg19': vgg.VGG19,
+    'vgg11_bn': vgg.VGG11BN,
+    'vgg13_bn': vgg.VGG13BN,
+    'vgg16_bn': vgg.VGG16BN,
+    'vgg19_bn': vgg.VGG19BN,
+    'keras_vgg16': vgg.KerasVGG16,
+    'keras_vgg19': vgg.KerasVGG19,
+    'vit-ti16': vit.ViTTi16,
+    'vit-s16': vit.ViTS16,
+    'vit-b16': vit.ViTB16,
+    'vit-b32': vit.ViTB32,
+    'vit-l16': vit.ViTL16,
 }
 
 

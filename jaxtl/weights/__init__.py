@@ -16,6 +16,9 @@ Each architecture has a converter module (weights/bert.py, ...) with this interf
                                 'batch_stats/...'
   HEAD                          regex of the head's param paths (without 'params/')
   DEFAULT_DROP                  regexes of source keys that are never params (buffers, ...)
+  pretrained_cfg(checkpoint)    optional: the preprocessing the weights expect (input_size, mean,
+                                std, crop_fraction, interpolation, channel_order; see
+                                jaxtl/data/images.py); None or absent: ImageNet defaults
 The tensors are then merged strictly (see strict.py).
 """
 import pathlib
@@ -24,9 +27,14 @@ from jaxtl import paths
 from jaxtl.errors import JaxtlError, WeightsError
 from jaxtl.weights import bert as bert_weights
 from jaxtl.weights import files, hub, strict
+from jaxtl.weights import keras_apps, mobilenet_v2 as mobilenet_v2_weights, resnet as resnet_weights
+from jaxtl.weights import vgg as vgg_weights
+from jaxtl.weights import vit as vit_weights
 from jaxtl.weights.files import Checkpoint
 
 CONVERTERS = [bert_weights]
+CONVERTERS += [resnet_weights, mobilenet_v2_weights, vgg_weights, keras_apps]
+CONVERTERS += [vit_weights]
 
 
 def resolve(source) -> pathlib.Path:
@@ -95,6 +103,15 @@ def load_pretrained(source, *, arch=None, num_classes=None, dont_load=(), dtype=
   if verbose:
     _report(checkpoint, converted, unmapped, dont_load, new, num_classes)
   return module, variables
+
+
+def pretrained_cfg(source, *, arch=None):
+  """The preprocessing a weights source expects (a dict, see jaxtl/data/images.py), or None when
+  its converter does not say (text models). Reads the checkpoint: the data pipeline needs this
+  before the model exists (its class count comes from the data)."""
+  checkpoint = files.read_checkpoint(resolve(source))
+  get = getattr(_pick_converter(checkpoint, arch), 'pretrained_cfg', None)
+  return get(checkpoint) if get else None
 
 
 def _report(checkpoint, converted, unmapped, dont_load, new, num_classes):

@@ -1,5 +1,6 @@
-"""Reading tensors and configs from the files people have: safetensors (single or sharded) and
-PyTorch pickles (`.bin`, `.pth`, `.pt`), into {name: np.ndarray}."""
+"""Reading tensors and configs from the files people have: safetensors (single or sharded),
+PyTorch pickles (`.bin`, `.pth`, `.pt`), Keras HDF5 weights (`.h5`, `.weights.h5`) and numpy
+`.npz` archives of JAX params (big_vision), into {name: np.ndarray}."""
 import dataclasses
 import json
 import pathlib
@@ -74,8 +75,12 @@ def read_tensors(path: pathlib.Path) -> dict:
     return _read_safetensors(path)
   if path.suffix in ('.bin', '.pth', '.pt', '.ckpt'):
     return torch_pickle.load(path)
+  if path.suffix in ('.h5', '.hdf5', '.keras'):
+    return read_keras_h5(path)
+  if path.suffix == '.npz':
+    return read_npz(path)
   raise WeightsError(f'{path}: unknown weights format {path.suffix!r} '
-                     '(expected .safetensors, .bin, .pth or .pt)')
+                     '(expected .safetensors, .bin, .pth, .pt, .h5 or .npz)')
 
 
 _SAFETENSORS_DTYPES = {
@@ -104,3 +109,53 @@ def _read_safetensors(path):
     return tensors
   except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
     raise WeightsError(f'{path}: corrupt or truncated safetensors file ({e})') from None
+
+
+def read_keras_h5(path):
+  """{key: np.ndarray} from Keras weights in HDF5 (h5py only, no Keras needed).
+
+  Keras 2 / legacy files (`save_weights('x.h5')`, `model.save('x.h5')`, the Keras applications
+  downloads) list their layers in order; their keys come out as '<layer>/<variable>', e.g.
+  'conv1_conv/kernel'. Keras 3 `.weights.h5` files store no variable names, only each layer's
+  variables by index; their keys are the stored paths, e.g. 'layers/conv2d_3/vars/0'. A `.keras`
+  archive is a zip holding a model.weights.h5."""
+  try:
+    import h5py
+  except ImportError:
+    raise WeightsError(f'{path}: reading Keras .h5 weights needs h5py (pip install h5py)') from None
+  if path.suffix == '.keras':
+    import io
+    import zipfile
+    try:
+      with zipfile.ZipFile(path) as archive:
+        return read_keras_h5(io.BytesIO(archive.read('model.weights.h5')))
+    except (zipfile.BadZipFile, KeyError) as e:
+      raise WeightsError(f'{path}: not a .keras archive with model.weights.h5 ({e})') from None
+  try:
+    with h5py.File(path, 'r') as f:
+      root = f['model_weights'] if 'model_weights' in f else f
+      tensors = {}
+      if 'layer_names' in root.attrs:
+        for layer in root.attrs['layer_names']:
+          layer = layer.decode() if isinstance(layer, bytes) else str(layer)
+          for name in root[layer].attrs.get('weight_names', ()):
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            tensors[f'{layer}/{name.split("/")[-1].removesuffix(":0")}'] = np.asarray(
+                root[layer][name])
+      else:
+        root.visititems(lambda key, item: tensors.__setitem__(key, np.asarray(item))
+                        if isinstance(item, h5py.Dataset) else None)
+      return tensors
+  except OSError as e:
+    raise WeightsError(f'{path}: not a readable HDF5 file ({e})') from None
+
+
+def read_npz(path):
+  """{key: np.ndarray} from a numpy .npz, as JAX projects save params (big_vision, the original ViT
+  and AugReg releases): one array per '/'-joined param path. Pickled objects are refused."""
+  import zipfile
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      return {key: archive[key] for key in archive.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise WeightsError(f'{path}: not a readable .npz archive ({e})') from None

@@ -1,0 +1,367 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) as a Flax Linen module.
+
+An image is cut into P x P patches, each linearly embedded (one strided conv); a learned class
+token is prepended and learned position embeddings added; a pre-LN Transformer encoder follows:
+N x [x + attention(norm1(x)), x + mlp(norm2(x))], then a final norm. The class token (or the
+mean of all tokens, for 'gap' pooling) feeds an optional tanh "pre-logits" layer and the head.
+
+Param paths (L = num_layers):
+  embedding/{kernel,bias}            patch embedding, a P x P conv with stride P (HWIO kernel)
+  cls                                (1, 1, D) class token ('token' pooling only)
+  pos_embedding                      (1, 1 + H/P * W/P, D), the class token's position first
+  encoder/layer_{i}/norm1, attention/{query,key,value,out}, norm2, mlp/{fc1,fc2}
+  encoder/layers/...                 the same with a leading axis of size L, when scan=True
+  encoder_norm                       the final LayerNorm
+  pre_logits/{kernel,bias}           optional representation layer (in21k checkpoints)
+  head/{kernel,bias}                 the classifier, zero-initialised
+"""
+import functools
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtl.errors import ConfigError, SchemeError
+
+ACTIVATIONS = {
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),  # HF and timm: the exact erf form.
+    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),  # big_vision / original ViT.
+}
+POOLINGS = ('token', 'gap')
+RESAMPLE_METHODS = ('bilinear', 'bicubic', 'nearest')
+
+_dense_init = nn.initializers.xavier_uniform()
+
+
+def pair(size) -> tuple:
+  """(h, w) for an int or a pair (lists from a config included)."""
+  if isinstance(size, (int, np.integer)):
+    return int(size), int(size)
+  size = tuple(int(s) for s in size)
+  if len(size) != 2:
+    raise ConfigError(f'expected an int or an (h, w) pair, got {size}')
+  return size
+
+
+class SelfAttention(nn.Module):
+  num_heads: int
+  qkv_bias: bool
+  dropout_rate: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    hidden = x.shape[-1]
+    head_dim = hidden // self.num_heads
+    dense = functools.partial(nn.Dense, hidden, kernel_init=_dense_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
+    q = split(dense(use_bias=self.qkv_bias, name='query')(x))
+    k = split(dense(use_bias=self.qkv_bias, name='key')(x))
+    v = split(dense(use_bias=self.qkv_bias, name='value')(x))
+    if train and self.dropout_rate > 0:
+      # Dropout on the attention probabilities needs them materialised.
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q / jnp.sqrt(head_dim).astype(q.dtype), k)
+      probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+      context = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    else:
+      # A fused kernel where the backend has one (cuDNN flash attention for bf16 on GPU).
+      context = jax.nn.dot_product_attention(q, k, v)
+    return dense(name='out')(context.reshape(x.shape[:-1] + (hidden,)))
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  hidden_act: str
+  dropout_rate: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    kw = dict(kernel_init=_dense_init, bias_init=nn.initializers.normal(stddev=1e-6),
+              dtype=self.dtype, param_dtype=self.param_dtype)
+    y = ACTIVATIONS[self.hidden_act](nn.Dense(self.mlp_dim, name='fc1', **kw)(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    return nn.Dense(x.shape[-1], name='fc2', **kw)(y)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block. `drop_rate` is this block's stochastic-depth rate: an array, so that one
+  scanned block serves every depth."""
+  num_heads: int
+  mlp_dim: int
+  hidden_act: str
+  qkv_bias: bool
+  layer_norm_eps: float
+  dropout_rate: float
+  attention_dropout: float
+  stochastic_depth: bool           # Whether any block drops its residual branch.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def drop_path(self, y, drop_rate, train):
+    """Stochastic depth (Huang et al., 2016): per example, drop the residual branch with
+    probability drop_rate and scale the kept ones by 1 / (1 - drop_rate)."""
+    if not (train and self.stochastic_depth):
+      return y
+    keep = 1.0 - drop_rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
+
+  @nn.compact
+  def __call__(self, x, drop_rate, train):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, **kw)
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+
+    y = SelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout, name='attention',
+                      **kw)(norm(name='norm1')(x), train)
+    x = x + self.drop_path(dropout(y), drop_rate, train)
+
+    y = Mlp(self.mlp_dim, self.hidden_act, self.dropout_rate, name='mlp', **kw)(
+        norm(name='norm2')(x), train)
+    x = x + self.drop_path(dropout(y), drop_rate, train)
+    # (carry, per-layer output): the form nn.scan wants; the loop below uses the same.
+    return x, x
+
+
+class Encoder(nn.Module):
+  """The blocks, unrolled (params encoder/layer_{i}/...) or as one nn.scan over a stacked layer
+  axis (encoder/layers/..., one compiled block: fast compiles for deep models)."""
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  hidden_act: str
+  qkv_bias: bool
+  layer_norm_eps: float
+  dropout_rate: float
+  attention_dropout: float
+  stochastic_depth: float
+  scan: bool
+  remat: bool
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    """Every layer's output."""
+    # Stochastic depth grows linearly with depth, from 0 at the first block (DeiT, timm).
+    rates = jnp.linspace(0.0, self.stochastic_depth, self.num_layers, dtype=jnp.float32)
+    block = EncoderBlock
+    if self.remat:
+      # Recompute each block's activations in the backward pass; `train` (arg 3) stays static.
+      block = nn.remat(block, static_argnums=(3,))
+    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, hidden_act=self.hidden_act,
+              qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
+              dropout_rate=self.dropout_rate, attention_dropout=self.attention_dropout,
+              stochastic_depth=self.stochastic_depth > 0, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    if self.scan:
+      layers = nn.scan(block, variable_axes={'params': 0},
+                       split_rngs={'params': True, 'dropout': True},
+                       in_axes=(0, nn.broadcast), length=self.num_layers)
+      _, ys = layers(name='layers', **kw)(x, rates, train)
+      return tuple(ys[i] for i in range(self.num_layers))
+    hidden_states = []
+    for i in range(self.num_layers):
+      x, _ = block(name=f'layer_{i}', **kw)(x, rates[i], train)
+      hidden_states.append(x)
+    return tuple(hidden_states)
+
+
+class StackedBlocks:
+  """The block 'index' of a scanned layer param: one array holds every block, so it can only be
+  frozen or trained as a whole. Comparisons that split the stack raise a SchemeError (e.g.
+  last_n_blocks:N with 0 < N < num_blocks; N = 0 and N = num_blocks work), and so does
+  arithmetic (layer-wise LR decay)."""
+
+  def __init__(self, num_blocks):
+    self.num_blocks = num_blocks
+
+  def _error(self):
+    return SchemeError(
+        f'a scanned ViT (scan=True) stores its {self.num_blocks} blocks as one stacked array '
+        '(encoder/layers/...), which cannot be frozen per block; build it with scan=False '
+        "(load_pretrained(..., overrides={'scan': False})) to freeze some blocks")
+
+  def __ge__(self, first):   # "Every block in the stack is at index >= first."
+    if first <= 0:
+      return True
+    if first >= self.num_blocks:
+      return False
+    raise self._error()
+
+  def __lt__(self, first):
+    return not self.__ge__(first)
+
+  def __gt__(self, last):
+    return self.__ge__(last + 1)
+
+  def __le__(self, last):
+    return not self.__gt__(last)
+
+  def _no_number(self, *unused):
+    raise self._error()
+
+  # Arithmetic on the index (e.g. layer-wise LR decay) needs one block per param: refuse clearly.
+  __index__ = __int__ = __float__ = _no_number
+  __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _no_number
+
+  def __repr__(self):
+    return f'StackedBlocks({self.num_blocks})'
+
+
+class ViT(nn.Module):
+  """Vision Transformer.
+
+  `__call__(images, train=False)`: images are NHWC float32, already normalised, of size
+  `image_size`. Returns `(logits, out)`: logits is None when `num_classes` is None (a headless
+  backbone); `out` holds 'stem' (the patch embeddings, (B, H/P, W/P, D)), 'hidden_states' (the
+  encoder input and every layer's output, before the final norm), 'encoded' (the final-normed
+  tokens), 'pooled' (class token or token mean) and 'pre_logits' (what the head reads).
+  """
+  image_size: Union[int, Sequence[int]] = 224
+  patch_size: Union[int, Sequence[int]] = 16
+  num_channels: int = 3
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  qkv_bias: bool = True
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = 'gelu'
+  pooling: str = 'token'            # 'token': the class token; 'gap': mean of the tokens.
+  representation_size: Optional[int] = None  # A tanh pre-logits layer of this size, if set.
+  num_classes: Optional[int] = None
+  dropout_rate: float = 0.0
+  attention_dropout: float = 0.0
+  stochastic_depth: float = 0.0     # Drop-path rate of the last block (0 at the first).
+  scan: bool = False                # nn.scan over the blocks (params stacked on a layer axis).
+  remat: bool = False               # Recompute block activations in the backward pass.
+  # How load_pretrained resamples a checkpoint's position-embedding grid to this image_size
+  # (the model itself never resamples).
+  resample_method: str = 'bilinear'
+  dtype: Any = jnp.float32          # Compute dtype (bf16 for mixed precision).
+  param_dtype: Any = jnp.float32    # Storage dtype of the params.
+
+  def __post_init__(self):
+    image, patch = pair(self.image_size), pair(self.patch_size)
+    if image[0] % patch[0] or image[1] % patch[1]:
+      raise ConfigError(f'image_size {image[0]}x{image[1]} is not divisible by patch_size '
+                        f'{patch[0]}x{patch[1]}')
+    if self.hidden_size % self.num_heads:
+      raise ConfigError(f'hidden_size {self.hidden_size} is not divisible by num_heads '
+                        f'{self.num_heads}')
+    if self.pooling not in POOLINGS:
+      raise ConfigError(f'pooling {self.pooling!r} is not one of {POOLINGS}')
+    if self.hidden_act not in ACTIVATIONS:
+      raise ConfigError(f'hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}')
+    if self.resample_method not in RESAMPLE_METHODS:
+      raise ConfigError(f'resample_method {self.resample_method!r} is not one of '
+                        f'{RESAMPLE_METHODS}')
+    if not 0.0 <= self.stochastic_depth < 1.0:
+      raise ConfigError(f'stochastic_depth {self.stochastic_depth} is not in [0, 1)')
+    super().__post_init__()
+
+  @property
+  def grid_size(self) -> tuple:
+    """Patches along (height, width)."""
+    (h, w), (ph, pw) = pair(self.image_size), pair(self.patch_size)
+    return h // ph, w // pw
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 1 if self.pooling == 'token' else 0
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    want = (*pair(self.image_size), self.num_channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+      raise ConfigError(
+          f'ViT expects NHWC images of shape (batch, {want[0]}, {want[1]}, {want[2]}) (its '
+          f'image_size and num_channels); got {tuple(images.shape)}. Resize the images, or load '
+          f"the weights at their size (load_pretrained(..., overrides={{'image_size': ...}}) "
+          'resamples the position embeddings)')
+    out = {}
+
+    # Patch embedding: a P x P conv with stride P is one linear map per patch.
+    patch = pair(self.patch_size)
+    x = nn.Conv(self.hidden_size, patch, strides=patch, padding='VALID', name='embedding',
+                **kw)(images.astype(self.dtype))
+    out['stem'] = x
+    n, gh, gw, d = x.shape
+    x = x.reshape(n, gh * gw, d)
+
+    if self.pooling == 'token':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, d), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, d)), x], axis=1)
+    pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, x.shape[1], d),
+                     self.param_dtype)
+    x = x + pos.astype(x.dtype)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+    layer_outputs = Encoder(
+        self.num_layers, self.num_heads, self.mlp_dim, self.hidden_act, self.qkv_bias,
+        self.layer_norm_eps, self.dropout_rate, self.attention_dropout, self.stochastic_depth,
+        self.scan, self.remat, name='encoder', **kw)(x, train)
+    out['hidden_states'] = (x,) + layer_outputs
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, name='encoder_norm', **kw)(layer_outputs[-1])
+    out['encoded'] = x
+
+    x = out['pooled'] = x[:, 0] if self.pooling == 'token' else jnp.mean(x, axis=1)
+    if self.representation_size:
+      x = jnp.tanh(nn.Dense(self.representation_size, name='pre_logits', **kw)(x))
+    out['pre_logits'] = x
+    if self.num_classes is None:
+      return None, out
+    # A zero head starts every class at equal odds (the ViT paper's fine-tuning recipe).
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name='head', **kw)(x)
+    return logits.astype(jnp.float32), out
+
+  def example_inputs(self):
+    """Arguments for `init` (only their shapes and dtypes matter)."""
+    return (jnp.zeros((1, *pair(self.image_size), self.num_channels), jnp.float32),)
+
+  # ---- Block structure, for freezing schemes: stem -> blocks -> neck -> head.
+  @property
+  def num_blocks(self):
+    return self.num_layers
+
+  def param_group(self, path: str):
+    """('stem'|'block'|'neck'|'head', block index or None) for a '/'-joined param path. Scanned
+    layer params get a StackedBlocks index: they freeze or train together."""
+    parts = path.split('/')
+    if parts[0] in ('embedding', 'cls', 'pos_embedding'):
+      return 'stem', None
+    if parts[0] == 'encoder' and len(parts) > 1:
+      if parts[1] == 'layers':
+        return 'block', StackedBlocks(self.num_layers)
+      if parts[1].startswith('layer_'):
+        return 'block', int(parts[1].removeprefix('layer_'))
+    if parts[0] in ('encoder_norm', 'pre_logits'):
+      return 'neck', None
+    if parts[0] == 'head':
+      return 'head', None
+    raise KeyError(f'{path!r} is not a ViT param path')
+
+
+# Named variants (Dosovitskiy et al. Table 1; Ti and S from Touvron et al. / Steiner et al.).
+ViTTi16 = functools.partial(ViT, hidden_size=192, num_layers=12, num_heads=3, mlp_dim=768,
+                            patch_size=16)
+ViTS16 = functools.partial(ViT, hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536,
+                           patch_size=16)
+ViTB16 = functools.partial(ViT, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                           patch_size=16)
+ViTB32 = functools.partial(ViT, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                           patch_size=32)
+ViTL16 = functools.partial(ViT, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096,
+                           patch_size=16)
+
+# Heads of the named widths, for checkpoints whose tensors do not tell (fused or 2-D qkv).
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
