@@ -363,7 +363,7 @@ def train_and_evaluate(config, workdir) -> dict:
                 'test_acc': test['accuracy']}
       if len(phases) > 1:
         result['phase'] = index + 1
-      table.row(**result, **{'ex/s': round(n * config.batch_size / (time.time() - t_epoch), 1),
+      table.row(**result, **{'ex/s': f'{n * config.batch_size / (time.time() - t_epoch):.1f}',
                              'time': f'{time.time() - t_start:.0f}s'})
     checkpoint.save(ckpt, state)  # A segment ends on a checkpoint: the next one resumes from it.
     params, model_state = state.params, state.model_state
