@@ -41,14 +41,14 @@ def _flops(fn, *args):
   return jax.jit(fn).lower(*args).compile().cost_analysis()['flops']
 
 
-def bench_model(name, module, batch, repeats):
+def bench_model(name, module, batch, repeats, schemes=SCHEMES):
   variables = jax.jit(lambda: module.init(jax.random.key(0), *module.example_inputs()))()
   inputs = {k: v for k, v in batch.items() if k != 'label'}
   forward = lambda v, b: module.apply(v, **b, train=False)[0]
   fwd_time = _time(jax.jit(forward), variables, inputs, repeats=repeats)
   fwd_flops = _flops(forward, variables, inputs)
   rows = []
-  for scheme in SCHEMES:
+  for scheme in schemes:
     if scheme == 'lora' and name.startswith('resnet'):
       continue  # No attention projections to adapt.
     mod, var = (lora.add_adapters(module, variables, rank=8) if scheme == 'lora'
@@ -81,17 +81,22 @@ def bench_model(name, module, batch, repeats):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--quick', action='store_true', help='small shapes, one repeat')
+  parser.add_argument('--models', default='bert-base,resnet50', help='comma-separated')
+  parser.add_argument('--schemes', default=','.join(SCHEMES), help='comma-separated')
   args = parser.parse_args()
+  models_, schemes = args.models.split(','), args.schemes.split(',')
   rng = np.random.default_rng(0)
   batch_size, seq, size = (8, 128, 224) if not args.quick else (4, 64, 96)
-  repeats = 3 if not args.quick else 1
+  repeats = 2 if not args.quick else 1
   text = {'input_ids': rng.integers(0, 30000, (batch_size, seq)).astype(np.int32),
           'attention_mask': np.ones((batch_size, seq), np.int32),
           'label': rng.integers(0, 2, batch_size).astype(np.int32)}
   images = {'images': rng.standard_normal((batch_size, size, size, 3)).astype(np.float32),
             'label': rng.integers(0, 2, batch_size).astype(np.int32)}
-  rows = bench_model('bert-base', models.create('bert-base', num_classes=2), text, repeats)
-  rows += bench_model('resnet50', models.create('resnet50', num_classes=2), images, repeats)
+  rows = []
+  for name in models_:
+    batch = images if name.startswith('resnet') else text
+    rows += bench_model(name, models.create(name, num_classes=2), batch, repeats, schemes)
   out = pathlib.Path(__file__).parent / 'results' / (
       f'freeze_schemes-{datetime.date.today().isoformat()}{"-quick" if args.quick else ""}.json')
   out.parent.mkdir(exist_ok=True)

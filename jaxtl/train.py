@@ -125,14 +125,38 @@ def frozen_batchnorms(model_state, labels, bn_mode='follow_freeze') -> frozenset
       f'{bn}/bias')) == freeze.FROZEN)
 
 
-def _batchnorm_eval(frozen_bns):
-  """A Flax interceptor that makes the listed BatchNorm layers normalise with their running
-  statistics (so they also leave them as they are). Models call BN as bn(x, use_running_average=
-  not train), which this overrides per layer; no model needs to know about freezing."""
+def frozen_scopes(labels) -> frozenset:
+  """Module paths ('encoder/layer_0/attention', '' for the root) that count as frozen: all their
+  params are frozen, or the params they hold directly (not in sub-modules) are — as a ViT's root,
+  whose class token and position embeddings are frozen while its head trains."""
+  subtree, direct = {}, {}
+  for path, label in freeze.flatten(labels).items():
+    parts = path.split('/')[:-1]
+    for depth in range(len(parts) + 1):
+      scope = '/'.join(parts[:depth])
+      subtree[scope] = subtree.get(scope, True) and label == freeze.FROZEN
+    scope = '/'.join(parts)
+    direct[scope] = direct.get(scope, True) and label == freeze.FROZEN
+  return frozenset(s for s in subtree if subtree[s] or direct.get(s, False))
+
+
+def _frozen_parts_in_inference_mode(frozen_bns, frozen_dropout_scopes):
+  """A Flax interceptor: the listed BatchNorm layers normalise with their running statistics (and
+  so leave them as they are), and dropout and stochastic depth inside a wholly frozen module are
+  the identity, as in
+  Keras' `base_model(x, training=False)`: a frozen part computes the features it computes at
+  inference. Models call BN as bn(x, use_running_average=not train), which this overrides per
+  layer; no model needs to know about freezing."""
   def intercept(next_fun, args, kwargs, context):
-    if (isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__'
-        and '/'.join(context.module.path) in frozen_bns):
-      kwargs = {**kwargs, 'use_running_average': True}
+    module = context.module
+    if context.method_name == '__call__':
+      if isinstance(module, nn.BatchNorm) and '/'.join(module.path) in frozen_bns:
+        kwargs = {**kwargs, 'use_running_average': True}
+      elif (isinstance(module, nn.Dropout)
+            and '/'.join(module.path[:-1]) in frozen_dropout_scopes):
+        return args[0] if args else kwargs['inputs']
+    elif context.method_name == 'drop_path' and '/'.join(module.path) in frozen_dropout_scopes:
+      return args[0]  # Stochastic depth (ViT blocks' drop_path(y, rate, train)) of a frozen block.
     return next_fun(*args, **kwargs)
   return nn.intercept_methods(intercept)
 
@@ -140,14 +164,15 @@ def _batchnorm_eval(frozen_bns):
 def train_step(state, batch, *, module, tx, labels, frozen_bns=frozenset()):
   """One update. Only the trainable subtree is differentiated: frozen params enter the loss as
   constants, so no backward pass runs through a frozen prefix. BatchNorm layers in `frozen_bns`
-  run in inference mode."""
+  and dropout inside frozen modules run in inference mode."""
   trainable, frozen = freeze.split(state.params, labels)
+  inference_mode = _frozen_parts_in_inference_mode(frozen_bns, frozen_scopes(labels))
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   mutable = list(state.model_state)
 
   def loss_fn(trainable):
     variables = {'params': freeze.merge(trainable, frozen), **state.model_state}
-    with _batchnorm_eval(frozen_bns):
+    with inference_mode:
       (logits, _), new_model_state = module.apply(
           variables, **_model_inputs(batch), train=True, rngs={'dropout': dropout_rng},
           mutable=mutable)

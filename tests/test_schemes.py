@@ -252,3 +252,27 @@ def test_gradual_unfreeze_in_the_train_loop(tmp_path, monkeypatch):
   train_lib.train_and_evaluate(config, tmp_path / 'b')
   resumed = ocp.CheckpointManager(tmp_path / 'b' / 'checkpoints').restore(64)['params']
   jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, final)
+
+
+@pytest.mark.parametrize('name', ['bert-tiny', 'vit'])
+def test_frozen_parts_run_in_inference_mode(name):
+  """Dropout and stochastic depth inside wholly frozen modules are the identity during training
+  (Keras' base_model(x, training=False)): under linear_probe the features the head sees equal the
+  eval-mode features; under full they do not."""
+  if name == 'vit':
+    module = models.create('vit-ti16', num_classes=3, image_size=32, patch_size=8, hidden_size=32,
+                           num_layers=2, num_heads=2, mlp_dim=64, dropout_rate=0.3,
+                           stochastic_depth=0.5)
+  else:
+    module = models.create('bert-tiny', num_classes=3, hidden_dropout=0.3, attention_dropout=0.3)
+  example = module.example_inputs()[0]
+  inputs = ((jnp.arange(32, dtype=jnp.int32).reshape(4, 8) if name == 'bert-tiny' else
+             jax.random.normal(jax.random.key(1), (4,) + example.shape[1:])),)
+  params = module.init(jax.random.key(0), *inputs)['params']
+  _, eval_out = module.apply({'params': params}, *inputs, train=False)
+  for scheme, equal in (('linear_probe', True), ('full', False)):
+    labels = freeze.label_params(params, scheme, module)
+    with train_lib._frozen_parts_in_inference_mode(frozenset(), train_lib.frozen_scopes(labels)):
+      _, out = module.apply({'params': params}, *inputs, train=True,
+                            rngs={'dropout': jax.random.key(2)})
+    assert np.allclose(out['pre_logits'], eval_out['pre_logits'], atol=1e-6) == equal, scheme
