@@ -225,8 +225,9 @@ def load_data(config):
   if config.data.kind != 'synthetic' and not config.model.get('source'):
     if not config.data.get('tokenizer'):
       raise ConfigError('config.data.tokenizer is needed when config.model has no pretrained source')
-  tokenizer_dir = config.data.get('tokenizer') or (
-      weights.resolve(config.model.source) if config.data.kind != 'synthetic' else None)
+  tokenizer_dir = (pathlib.Path(config.data.tokenizer) if config.data.get('tokenizer') else
+                   weights.resolve(config.model.source) if config.data.kind != 'synthetic' else
+                   None)
   if tokenizer_dir is not None and tokenizer_dir.is_file():
     tokenizer_dir = tokenizer_dir.parent
   return text_data.load(config.data, tokenizer_dir, seed=config.seed)
