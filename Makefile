@@ -35,5 +35,8 @@ $(FASHION_MNIST):
 test: $(VENV)/.test $(FASHION_MNIST)
 	$(VENV)/bin/python -m pytest -q -rs
 
+bench: $(VENV)/.test
+	$(VENV)/bin/python -m benchmarks.freeze_schemes
+
 clean:
 	rm -rf $(VENV) runs
