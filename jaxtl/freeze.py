@@ -222,11 +222,6 @@ def trainable_labels(labels):
   return split(labels, labels)[0]
 
 
-def groups(labels) -> list:
-  """The trainable groups' names (labels without their multipliers)."""
-  return sorted({parse_label(l)[0] for l in jax.tree_util.tree_leaves(trainable_labels(labels))})
-
-
 def partition(make_tx: Callable[[str], optax.GradientTransformation], labels, lr_mult=None):
   """One optimizer over the trainable subtree: `make_tx(group)` per trainable group, its updates
   scaled by the label's multiplier times lr_mult.get(group, 1).
@@ -235,12 +230,13 @@ def partition(make_tx: Callable[[str], optax.GradientTransformation], labels, lr
   can reach them (weight decay included). The scaling is an optax.scale at the end of each group's
   chain: it multiplies that group's learning rate under any schedule."""
   lr_mult = dict(lr_mult or {})
-  unknown = sorted(set(lr_mult) - set(groups(labels)))
-  if unknown:
-    raise SchemeError(f'config.optim.lr_mult names group(s) {unknown} that the freeze scheme does '
-                      f'not produce; its trainable groups: {groups(labels)}')
   train_labels = trainable_labels(labels)
   present = sorted(set(jax.tree_util.tree_leaves(train_labels)))
+  names = sorted({parse_label(label)[0] for label in present})
+  unknown = sorted(set(lr_mult) - set(names))
+  if unknown:
+    raise SchemeError(f'config.optim.lr_mult names group(s) {unknown} that the freeze scheme does '
+                      f'not produce; its trainable groups: {names}')
   if not present:
     raise SchemeError('the freeze scheme leaves no param trainable')
 

@@ -97,11 +97,12 @@ def load_pretrained(source, *, arch=None, num_classes=None, dont_load=(), dtype=
   module = module.clone(**overrides) if overrides else module
   converted, unmapped = converter.convert(checkpoint, module)
   shapes = strict.target_shapes(module, *module.example_inputs())
-  variables = strict.merge(str(checkpoint.path), shapes, converted,
-                           source_shapes={k: tuple(v.shape) for k, v in checkpoint.tensors.items()},
-                           unmapped=unmapped, new=new, dont_load=dont_load, dtype=dtype)
+  variables, dropped = strict.merge(
+      str(checkpoint.path), shapes, converted,
+      source_shapes={k: tuple(v.shape) for k, v in checkpoint.tensors.items()},
+      unmapped=unmapped, new=new, dont_load=dont_load, dtype=dtype)
   if verbose:
-    _report(checkpoint, converted, unmapped, dont_load, new, num_classes)
+    _report(checkpoint, dropped, bool(new), num_classes)
   return module, variables
 
 
@@ -114,10 +115,7 @@ def pretrained_cfg(source, *, arch=None):
   return get(checkpoint) if get else None
 
 
-def _report(checkpoint, converted, unmapped, dont_load, new, num_classes):
-  dropped = sorted({key for key, _ in unmapped} | {
-      key for path, (key, _) in converted.items()
-      if any(strict.matches(p, key, path) for p in (*dont_load, *new))})
+def _report(checkpoint, dropped, new, num_classes):
   total = len(checkpoint.tensors)
   head = (f'new zero-initialised {num_classes}-way head' if new else
           f'its own {num_classes}-way head' if num_classes else 'no head')

@@ -43,7 +43,8 @@ def matches(pattern, *names) -> bool:
 
 def merge(source_name, target_shapes, converted, *, source_shapes=None, unmapped=(), new=(),
           dont_load=(), dtype=None):
-  """Variables for `target_shapes` ({variable path: ShapeDtypeStruct}) from `converted`.
+  """(variables for `target_shapes` ({variable path: ShapeDtypeStruct}) from `converted`, the
+  sorted source keys that were dropped).
 
   Variable paths start with their collection ('params/encoder/...', 'batch_stats/...').
   converted: {variable path: (source key, array)} as a converter produced it (Flax layout).
@@ -57,9 +58,11 @@ def merge(source_name, target_shapes, converted, *, source_shapes=None, unmapped
   is_new = lambda path: any(matches(p, path) for p in new)
 
   unexpected = [f'{key} {tuple(np.shape(a))}' for key, a in unmapped if not drop(key)]
+  dropped = {key for key, _ in unmapped}
   mismatched, params = {}, {}  # mismatched: {target path: message}
   for path, (key, array) in converted.items():
     if drop(key, path) or is_new(path):
+      dropped.add(key)
       continue
     if path not in target_shapes:
       unexpected.append(f'{key} {tuple(array.shape)} (would go to {path}, which the model lacks)')
@@ -91,7 +94,7 @@ def merge(source_name, target_shapes, converted, *, source_shapes=None, unmapped
                     'them with dont_load=[regex]):' + _listing(unexpected))
   if problems:
     raise WeightsError(f'{source_name} does not fit the model:\n  ' + '\n  '.join(problems))
-  return unflatten(params)
+  return unflatten(params), sorted(dropped)
 
 
 def target_shapes(module, *example_args) -> dict:
