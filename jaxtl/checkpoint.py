@@ -32,3 +32,18 @@ def restore_latest(mngr, state):
     raise JaxtlError(f'{mngr.directory}/{step}: the checkpoint does not match this config\'s model '
                      f'and freeze scheme; use a new --workdir ({type(e).__name__}: '
                      f'{str(e)[:300]})') from None
+
+
+def restore_raw(workdir):
+  """(step, state as nested dicts) of the newest checkpoint in <workdir>/checkpoints, read without
+  a target structure: for predict, evaluate and export, which need params, not optimizer state."""
+  directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+  mngr = ocp.CheckpointManager(directory) if directory.is_dir() else None
+  step = mngr.latest_step() if mngr else None
+  if step is None:
+    raise JaxtlError(f'{directory}: no checkpoint to read')
+  try:
+    return step, mngr.restore(step, args=ocp.args.StandardRestore())
+  except Exception as e:  # Orbax raises many types for a damaged checkpoint.
+    raise JaxtlError(f'{directory}/{step}: unreadable checkpoint ({type(e).__name__}: '
+                     f'{str(e)[:300]})') from None

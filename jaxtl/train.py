@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxtl import checkpoint, data as data_lib, freeze, lora, metrics, models, parallel, weights
+from jaxtl import checkpoint, data as data_lib, freeze, lora, metrics, models, parallel, run, weights
 from jaxtl.data import images as image_data, text as text_data
 from jaxtl.errors import ConfigError, JaxtlError
 
@@ -318,6 +318,7 @@ def train_and_evaluate(config, workdir) -> dict:
   latest = ckpt.latest_step() or 0
   (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   (workdir / 'classes.json').write_text(json.dumps(data.class_names))
+  run.write(workdir, module, data.class_names, data)
 
   repl = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharded(mesh)

@@ -32,6 +32,8 @@ class TextData:
   train: dict           # input_ids, attention_mask, token_type_ids (int32 [N, L]), label (int32 [N])
   test: dict
   class_names: list
+  max_length: int = 0
+  tokenizer_dir: object = None  # The folder the tokenizer came from (None: synthetic token ids).
 
 
 def _read_text(path: pathlib.Path) -> str:
@@ -160,7 +162,8 @@ def synthetic(num_classes=4, n_train=512, n_test=256, length=16, vocab_size=128,
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
     return {'input_ids': ids, 'attention_mask': mask, 'token_type_ids': np.zeros_like(ids),
             'label': labels}
-  return TextData(make(n_train), make(n_test), [f'class_{i}' for i in range(num_classes)])
+  return TextData(make(n_train), make(n_test), [f'class_{i}' for i in range(num_classes)],
+                  length)
 
 
 def tokenize(tokenizer, texts, labels, max_length):
@@ -210,4 +213,5 @@ def load(cfg, tokenizer_dir, seed=0) -> TextData:
   tokenizer = load_tokenizer(tokenizer_dir)
   length = cfg.get('max_length', 128)
   return TextData(tokenize(tokenizer, train_texts, train_y, length),
-                  tokenize(tokenizer, test_texts, test_y, length), names)
+                  tokenize(tokenizer, test_texts, test_y, length), names, length,
+                  pathlib.Path(tokenizer_dir))
