@@ -1,12 +1,16 @@
-"""Fine-tune a model from a config.
+"""Fine-tune a model from a config, or evaluate the latest checkpoint of a run.
 
   python train.py --config configs/default.py --workdir runs/minilm_bbc
   python train.py --config configs/smoke.py --workdir /tmp/smoke --config.num_epochs=2
+  python train.py --config configs/smoke.py --workdir /tmp/smoke --mode=eval
 
-Rerunning with the workdir of an earlier run resumes from its latest checkpoint. Errors in the
-input (config, data, weights) print one line and exit with status 2; --debug shows the traceback.
+Rerunning with the workdir of an earlier run resumes from its latest checkpoint. --mode=eval
+evaluates the run's latest checkpoint on the config's test split and writes <workdir>/eval.json.
+Errors in the input (config, data, weights) print one line and exit with status 2; --debug shows
+the traceback.
 """
 import os
+import pathlib
 import sys
 
 # TensorFlow only feeds data (tfds); keep it off any accelerator and quiet.
@@ -19,6 +23,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a configs/<na
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show tracebacks for input errors.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train: fine-tune (resuming from the latest checkpoint); eval: evaluate '
+                          'the latest checkpoint on the test split.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -26,6 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  from jaxtl import parallel
   from jaxtl.errors import JaxtlError
   from jaxtl.train import train_and_evaluate
   try:
@@ -38,12 +46,24 @@ def main(argv):
     print(f'error: --config: {lines[0]} ({lines[-1]})', file=sys.stderr)
     sys.exit(2)
   try:
-    train_and_evaluate(config, _WORKDIR.value)
+    parallel.initialize_distributed(config)  # Multi-host: before any other JAX call.
+    if _MODE.value == 'eval':
+      evaluate(config, _WORKDIR.value)
+    else:
+      train_and_evaluate(config, _WORKDIR.value)
   except JaxtlError as e:
     if _DEBUG.value:
       raise
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+
+
+def evaluate(config, workdir):
+  from jaxtl.predict import EVAL_FILE, evaluate_checkpoint
+  result = evaluate_checkpoint(config, workdir)
+  print(f'{workdir}: checkpoint {result["step"]} on the test split ({result["num_examples"]} '
+        f'examples): loss {result["loss"]:.4f}, accuracy {result["accuracy"]:.4f}; wrote '
+        f'{pathlib.Path(workdir) / EVAL_FILE}')
 
 
 def parse_flags(argv):

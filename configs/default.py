@@ -30,5 +30,9 @@ def get_config():
   config.num_epochs = 2
   config.log_every_steps = 5
   config.checkpoint_every_steps = 50
-  config.mesh = dict(data=-1)
+  config.grad_accum_steps = 1   # k > 1: each step averages the gradients of k micro-batches.
+  config.on_nonfinite = 'stop'  # Or 'skip': a non-finite loss/gradient skips the update.
+  # data=-1: all devices; fsdp: shard params and optimizer state over them (README).
+  config.mesh = dict(data=-1, fsdp=False, fsdp_min_size=2**16, rules=[])
+  config.distributed = False  # True: jax.distributed.initialize() (GPU cluster, TPU pod).
   return config

@@ -37,5 +37,7 @@ def get_config():
   config.batch_size = 32
   config.log_every_steps = 10
   config.checkpoint_every_steps = 200
-  config.mesh = dict(data=-1)
+  # data=-1: all devices; fsdp: shard params and optimizer state over them (README).
+  config.mesh = dict(data=-1, fsdp=False, fsdp_min_size=2**16, rules=[])
+  config.distributed = False  # True: jax.distributed.initialize() (GPU cluster, TPU pod).
   return config

@@ -50,5 +50,7 @@ def get_config():
   config.num_epochs = 100
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
-  config.mesh = dict(data=-1)
+  # data=-1: all devices; fsdp: shard params and optimizer state over them (README).
+  config.mesh = dict(data=-1, fsdp=False, fsdp_min_size=2**16, rules=[])
+  config.distributed = False  # True: jax.distributed.initialize() (GPU cluster, TPU pod).
   return config

@@ -1,7 +1,10 @@
 """Training: a TrainState pytree, one jitted train step over a device mesh, an eval step, and the
 loop `train_and_evaluate(config, workdir)` that ties data, model, freezing and checkpoints."""
 import json
+import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -12,8 +15,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
+from jax.experimental import multihost_utils
 
-from jaxtl import checkpoint, data as data_lib, freeze, lora, metrics, models, parallel, run, weights
+from jaxtl import (checkpoint, data as data_lib, freeze, lora, metrics, models, parallel, plots,
+                   run, weights)
 from jaxtl.data import images as image_data, text as text_data
 from jaxtl.errors import ConfigError, JaxtlError
 
@@ -82,9 +88,10 @@ def make_optimizer(optim, labels, total_steps):
 
   def make_tx(group):  # The same optimizer for every group; partition scales each group's LR.
     if name == 'adamw':
+      # mu_dtype 'bfloat16' halves the first moment's memory; the second stays float32 (optax).
       return optax.adamw(schedule, b1=optim.get('b1', 0.9), b2=optim.get('b2', 0.999),
                          eps=optim.get('eps', 1e-8), weight_decay=optim.get('weight_decay', 0.0),
-                         mask=_decay_mask)
+                         mu_dtype=optim.get('mu_dtype') or None, mask=_decay_mask)
     if name == 'sgd':
       return optax.chain(optax.add_decayed_weights(optim.get('weight_decay', 0.0), _decay_mask),
                          optax.sgd(schedule, momentum=optim.get('momentum', 0.9) or None,
@@ -161,40 +168,76 @@ def _frozen_parts_in_inference_mode(frozen_bns, frozen_dropout_scopes):
   return nn.intercept_methods(intercept)
 
 
-def train_step(state, batch, *, module, tx, labels, frozen_bns=frozenset()):
+def train_step(state, batch, *, module, tx, labels, frozen_bns=frozenset(), accum_steps=1):
   """One update. Only the trainable subtree is differentiated: frozen params enter the loss as
   constants, so no backward pass runs through a frozen prefix. BatchNorm layers in `frozen_bns`
-  and dropout inside frozen modules run in inference mode."""
+  and dropout inside frozen modules run in inference mode.
+
+  accum_steps = k > 1: the batch is split into k micro-batches whose gradients are averaged (one
+  scan, so memory holds one micro-batch's activations); BatchNorm statistics update k times.
+
+  A non-finite loss or gradient leaves params, optimizer and model state as they were (the step
+  count moves on); metrics['finite'] tells the loop, which stops or skips (config.on_nonfinite)."""
   trainable, frozen = freeze.split(state.params, labels)
   inference_mode = _frozen_parts_in_inference_mode(frozen_bns, frozen_scopes(labels))
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   mutable = list(state.model_state)
 
-  def loss_fn(trainable):
-    variables = {'params': freeze.merge(trainable, frozen), **state.model_state}
+  def loss_fn(trainable, model_state, batch, rng):
+    variables = {'params': freeze.merge(trainable, frozen), **model_state}
     with inference_mode:
       (logits, _), new_model_state = module.apply(
-          variables, **_model_inputs(batch), train=True, rngs={'dropout': dropout_rng},
-          mutable=mutable)
+          variables, **_model_inputs(batch), train=True, rngs={'dropout': rng}, mutable=mutable)
     return cross_entropy(logits, batch['label']).mean(), (logits, new_model_state)
 
-  (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, (logits, model_state)), grads = grad_fn(trainable, state.model_state, batch,
+                                                   dropout_rng)
+  else:
+    # Micro-batch i takes rows i, i + k, i + 2k, ...: every device keeps its own rows.
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1),
+        batch)
+
+    def accumulate(carry, inputs):
+      grads, model_state = carry
+      index, micro_batch = inputs
+      (loss, (logits, model_state)), g = grad_fn(trainable, model_state, micro_batch,
+                                                 jax.random.fold_in(dropout_rng, index))
+      return (jax.tree_util.tree_map(jnp.add, grads, g), model_state), (loss, logits)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+    (grads, model_state), (losses, logits) = jax.lax.scan(
+        accumulate, (zeros, state.model_state), (jnp.arange(accum_steps), micro))
+    grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+    loss = losses.mean()
+    # Accuracy over all micro-batches: logits and labels in the same (micro-batch-major) order.
+    logits, batch = logits.reshape((-1,) + logits.shape[2:]), {'label': micro['label'].reshape(-1)}
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
-  trainable = optax.apply_updates(trainable, updates)
-  new_state = state.replace(step=state.step + 1, params=freeze.merge(trainable, frozen),
-                            model_state=model_state, opt_state=opt_state)
+  keep_if_finite = lambda new, old: jax.tree_util.tree_map(
+      lambda a, b: jnp.where(finite, a, b), new, old)
+  trainable = keep_if_finite(optax.apply_updates(trainable, updates), trainable)
+  new_state = state.replace(
+      step=state.step + 1, params=freeze.merge(trainable, frozen),
+      model_state=keep_if_finite(model_state, state.model_state),
+      opt_state=keep_if_finite(opt_state, state.opt_state))
   return new_state, {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-                     'grad_norm': optax.global_norm(grads)}
+                     'grad_norm': grad_norm, 'finite': finite}
 
 
 def eval_step(state, batch, *, module):
   """Sums over the real (mask = 1) examples of a padded batch."""
   variables = {'params': state.params, **state.model_state}
   logits, _ = module.apply(variables, **_model_inputs(batch), train=False)
-  mask = batch['mask']
+  mask, predictions = batch['mask'], jnp.argmax(logits, -1)
   return {'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
-          'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
-          'count': jnp.sum(mask)}
+          'correct': jnp.sum((predictions == batch['label']) * mask),
+          'count': jnp.sum(mask),
+          'confusion_matrix': metrics.confusion_matrix(batch['label'], predictions,
+                                                       logits.shape[-1], mask)}
 
 
 def _prepare(data, batch, **kwargs):
@@ -210,7 +253,8 @@ def evaluate(p_eval_step, state, data, batch_size, mesh):
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {'loss': float(totals['loss'] / totals['count']),
-          'accuracy': float(totals['correct'] / totals['count'])}
+          'accuracy': float(totals['correct'] / totals['count']),
+          'confusion_matrix': np.rint(totals['confusion_matrix']).astype(np.int64)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,15 +277,23 @@ def load_data(config):
   return text_data.load(config.data, tokenizer_dir, seed=config.seed)
 
 
-def _prepare_workdir(workdir):
+def _check_workdir(workdir) -> pathlib.Path:
+  """Fails early if `workdir` cannot be written, without creating anything."""
   workdir = pathlib.Path(workdir)
+  existing = next(p for p in [workdir, *workdir.absolute().parents] if p.exists())
+  if not existing.is_dir():
+    raise ConfigError(f'--workdir {workdir}: not writable ({existing} is a file)')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f'--workdir {workdir}: not writable (no write permission on {existing})')
+  return workdir
+
+
+def _prepare_workdir(workdir) -> pathlib.Path:
+  workdir = _check_workdir(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / '.write_test'
-    probe.write_text('')
-    probe.unlink()
   except OSError as e:
-    raise ConfigError(f'--workdir {workdir}: not writable ({e.strerror})') from None
+    raise ConfigError(f'--workdir {workdir}: cannot be created ({e.strerror})') from None
   return workdir
 
 
@@ -291,12 +343,55 @@ def _segments(phases, ends, module, steps_per_epoch):
       yield start, (end if unfreeze == count - 1 else min(end, start + length)), index, unfreeze
 
 
+class StopRequests:
+  """While training, SIGTERM and SIGINT (Ctrl-C) ask the loop to finish its step, save a
+  checkpoint and return, so that a preempted or interrupted run resumes with the same command. A
+  second signal acts as it normally would."""
+
+  def __init__(self):
+    self.received, self._previous = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Only there can Python set them.
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def agreed(self, step, every) -> bool:
+    """Whether to stop after `step`. With several processes (multi-host), every one of them must
+    stop at the same step, so they compare flags every `every` steps (a signal may reach only
+    some of them)."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    if step % every:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    if flags.any() and self.received is None:
+      self.received = 'a signal to another process'
+    return bool(flags.any())
+
+  def _handle(self, signum, frame):
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+      return
+    signal.signal(signum, self._previous.pop(signum))
+    os.kill(os.getpid(), signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def train_and_evaluate(config, workdir) -> dict:
   """Trains per `config`, phase by phase, evaluating on the test split each epoch; returns the
   final metrics."""
   t_start = time.time()
+  _check_workdir(workdir)
+  on_nonfinite = config.get('on_nonfinite') or 'stop'
+  if on_nonfinite not in ('stop', 'skip'):
+    raise ConfigError(f'config.on_nonfinite {on_nonfinite!r} is not stop or skip')
+  accum_steps = config.get('grad_accum_steps') or 1
   data = load_data(config)
-  workdir = _prepare_workdir(workdir)
   num_classes = len(data.class_names)
   module, variables = create_model(config, num_classes)
   params = variables.pop('params')
@@ -304,6 +399,10 @@ def train_and_evaluate(config, workdir) -> dict:
 
   mesh = parallel.make_mesh(config.get('mesh', {}).get('data'))
   parallel.check_batch_size(config.batch_size, mesh)
+  if config.batch_size % (accum_steps * mesh.devices.size):
+    raise ConfigError(f'config.batch_size = {config.batch_size} is not divisible by '
+                      f'config.grad_accum_steps = {accum_steps} times the {mesh.devices.size} '
+                      'devices')
   n_train = data_lib.num_examples(data.train)
   steps_per_epoch = n_train // config.batch_size
   if steps_per_epoch == 0:
@@ -314,91 +413,145 @@ def train_and_evaluate(config, workdir) -> dict:
   ends = np.cumsum([phase.num_epochs * steps_per_epoch for phase in phases]).tolist()
   total_steps = ends[-1]
 
+  workdir = _prepare_workdir(workdir)
   ckpt = checkpoint.manager(workdir)
   latest = ckpt.latest_step() or 0
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  (workdir / 'classes.json').write_text(json.dumps(data.class_names))
-  run.write(workdir, module, data.class_names, data)
+  if parallel.is_primary():  # Multi-host: one process writes the plain files.
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    (workdir / 'classes.json').write_text(json.dumps(data.class_names))
+    run.write(workdir, module, data.class_names, data)
 
   repl = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharded(mesh)
-  p_eval_step = jax.jit(lambda s, b: eval_step(s, b, module=module),
-                        in_shardings=(repl, batch_sharding), out_shardings=repl)
-  writer, table = metrics.JsonlWriter(workdir), metrics.EpochTable()
+  # The state comes in the shardings it was created in (replicated, or FSDP-sharded); the step
+  # computes on all-gathered params (parallel.gather_params).
+  p_eval_step = jax.jit(lambda s, b: eval_step(parallel.gather_params(s, mesh), b, module=module),
+                        out_shardings=repl)
+  writer, table = metrics.MetricWriter(workdir), metrics.EpochTable()  # Process 0 writes.
   bar = metrics.progress(total_steps, min(latest, total_steps), 'train')
-  step, result, state = 0, {}, None
+  step, result, state, skipped = 0, {}, None, 0
 
-  for begin, end, index, unfreeze in _segments(phases, ends, module, steps_per_epoch):
-    if latest > end:  # Finished before a restart; a later checkpoint holds what it did.
-      continue
-    phase = phases[index]
-    phase_begin = ends[index - 1] if index else 0
-    labels = freeze.label_params(params, phase.freeze.scheme, module, phase=unfreeze)
-    tx, schedule = make_optimizer(phase.optim, labels, ends[index] - phase_begin)
-    frozen_bns = frozen_batchnorms(model_state, labels, phase.bn_mode)
-    opt_state = tx.init(freeze.split(params, labels)[0])
-    if unfreeze and state is not None:  # Gradual unfreezing: groups already training go on.
-      opt_state = freeze.carry_opt_state(state.opt_state, opt_state)
-    state = jax.device_put(TrainState(
-        step=jnp.asarray(begin, jnp.int32), params=params, model_state=model_state,
-        opt_state=opt_state, rng=jax.random.PRNGKey(config.seed)), repl)
-    if len(phases) > 1 or unfreeze is not None:
-      print(f'Phase {index + 1}/{len(phases)}'
-            + (f', unfreezing step {unfreeze + 1}' if unfreeze is not None else '')
-            + f': freeze {phase.freeze.scheme!r}, {phase.optim.get("name", "adamw")} lr '
-              f'{phase.optim.lr}, steps {begin}-{end}')
-    print(freeze.summary(params, labels, state.opt_state))
-    if begin < latest:
-      state = checkpoint.restore_latest(ckpt, state)
-      print(f'Resumed from {ckpt.directory}/{int(state.step)}')
+  def check_finite(checked_step, finite, loss):
+    """Acts on a step's `finite` flag; read one step late, so the host never waits for it."""
+    nonlocal skipped
+    if bool(finite):
+      return
+    loss = float(loss)
+    if on_nonfinite == 'stop':
+      kept = ckpt.latest_step()
+      raise JaxtlError(
+          f'step {checked_step}: non-finite loss or gradient (loss {loss}); the run stopped and '
+          + (f'its last good checkpoint {ckpt.directory}/{kept} is kept' if kept is not None
+             else 'no checkpoint was written yet')
+          + '; lower config.optim.lr, check the data, or set config.on_nonfinite = "skip"')
+    skipped += 1
+    tqdm.tqdm.write(f'step {checked_step}: non-finite loss or gradient (loss {loss}); update '
+                    'skipped (config.on_nonfinite = skip)')
 
-    p_train_step = jax.jit(
-        lambda s, b: train_step(s, b, module=module, tx=tx, labels=labels, frozen_bns=frozen_bns),
-        in_shardings=(repl, batch_sharding), out_shardings=(repl, repl), donate_argnums=0)
-    step = int(state.step)
-    while step < end:
-      epoch, skip = divmod(step, steps_per_epoch)  # Epochs count on across phases.
-      sums, n, t_epoch = {}, 0, time.time()
-      for batch in data_lib.batches(data.train, config.batch_size, seed=config.seed, epoch=epoch,
-                                    shuffle=True, drop_remainder=True, start=skip):
-        batch = _prepare(data, batch, train=True, seed=config.seed, epoch=epoch, step=step)
-        state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh))
-        step += 1
-        n += 1
-        sums = jax.tree_util.tree_map(jnp.add, sums, step_metrics) if sums else step_metrics
-        if step % config.log_every_steps == 0 or step == end:
-          logged = jax.device_get(step_metrics)
-          if not np.isfinite(logged['loss']):
-            raise JaxtlError(f'step {step}: the loss is {logged["loss"]} (non-finite); lower '
-                             'config.optim.lr or check the data')
-          writer.write(step, split='train', lr=schedule(step - 1 - phase_begin), **logged)
-          bar.set_postfix(loss=f'{logged["loss"]:.4f}',
-                          ex_s=f'{n * config.batch_size / (time.time() - t_epoch):.1f}')
-        bar.update(1)
-        if step % config.checkpoint_every_steps == 0:
-          checkpoint.save(ckpt, state)
-        if step == end:  # A segment may end inside an epoch (gradual unfreezing by steps).
-          break
-      if step % steps_per_epoch:
-        continue  # Evaluate at epoch ends only.
-      train_means = {k: float(v) / max(n, 1) for k, v in jax.device_get(sums).items()}
-      test = evaluate(p_eval_step, state, data, config.batch_size, mesh)
-      writer.write(step, split='test', epoch=epoch + 1, **test)
-      result = {'epoch': epoch + 1, 'step': step,
-                'train_loss': train_means.get('loss', float('nan')),
-                'train_acc': train_means.get('accuracy', float('nan')), 'test_loss': test['loss'],
-                'test_acc': test['accuracy']}
-      if len(phases) > 1:
-        result['phase'] = index + 1
-      table.row(**result, **{'ex/s': f'{n * config.batch_size / (time.time() - t_epoch):.1f}',
-                             'time': f'{time.time() - t_start:.0f}s'})
-    checkpoint.save(ckpt, state)  # A segment ends on a checkpoint: the next one resumes from it.
-    params, model_state = state.params, state.model_state
+  with StopRequests() as stop, writer:  # The event file is closed however the loop ends.
+    for begin, end, index, unfreeze in _segments(phases, ends, module, steps_per_epoch):
+      if latest > end:  # Finished before a restart; a later checkpoint holds what it did.
+        continue
+      phase = phases[index]
+      phase_begin = ends[index - 1] if index else 0
+      labels = freeze.label_params(params, phase.freeze.scheme, module, phase=unfreeze)
+      tx, schedule = make_optimizer(phase.optim, labels, ends[index] - phase_begin)
+      frozen_bns = frozen_batchnorms(model_state, labels, phase.bn_mode)
+
+      def init_state(params, model_state, opt_state):
+        fresh = tx.init(freeze.split(params, labels)[0])
+        if opt_state is not None:  # Gradual unfreezing: groups already training go on.
+          fresh = freeze.carry_opt_state(opt_state, fresh)
+        return TrainState(step=jnp.asarray(begin, jnp.int32), params=params,
+                          model_state=model_state, opt_state=fresh,
+                          rng=jax.random.PRNGKey(config.seed))
+      # Built in its shardings (config.mesh: replicated, or FSDP), never whole on one device.
+      state, state_sharding = parallel.create_state(
+          init_state, dict(params=params, model_state=model_state,
+                           opt_state=state.opt_state if unfreeze and state is not None else None),
+          mesh, config.get('mesh'))
+      if len(phases) > 1 or unfreeze is not None:
+        print(f'Phase {index + 1}/{len(phases)}'
+              + (f', unfreezing step {unfreeze + 1}' if unfreeze is not None else '')
+              + f': freeze {phase.freeze.scheme!r}, {phase.optim.get("name", "adamw")} lr '
+                f'{phase.optim.lr}, steps {begin}-{end}')
+      print(freeze.summary(params, labels, state.opt_state))
+      if begin < latest:
+        state = checkpoint.restore_latest(ckpt, state)
+        print(f'Resumed from {ckpt.directory}/{int(state.step)}')
+
+      p_train_step = jax.jit(
+          lambda s, b: train_step(parallel.gather_params(s, mesh), b, module=module, tx=tx,
+                                  labels=labels, frozen_bns=frozen_bns, accum_steps=accum_steps),
+          in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, repl),
+          donate_argnums=0)
+      step = int(state.step)
+      bar.restart_rate()  # The first step of a segment compiles; the ETA leaves it out.
+      while step < end:
+        epoch, skip = divmod(step, steps_per_epoch)  # Epochs count on across phases.
+        sums, n, t_epoch, pending, skipped_before_epoch = {}, 0, time.time(), None, skipped
+        for batch in data_lib.batches(data.train, config.batch_size, seed=config.seed,
+                                      epoch=epoch, shuffle=True, drop_remainder=True, start=skip):
+          batch = _prepare(data, batch, train=True, seed=config.seed, epoch=epoch, step=step)
+          state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh))
+          if pending is not None:
+            check_finite(*pending)
+          step += 1
+          n += 1
+          finite = step_metrics.pop('finite')
+          pending = (step, finite, step_metrics['loss'])
+          step_metrics = {k: jnp.where(finite, v, 0.0) for k, v in step_metrics.items()}
+          sums = jax.tree_util.tree_map(jnp.add, sums, step_metrics) if sums else step_metrics
+          if step % config.log_every_steps == 0 or step == end:
+            check_finite(*pending)
+            pending = None
+            logged = jax.device_get(step_metrics)
+            writer.write(step, split='train', lr=schedule(step - 1 - phase_begin), **logged)
+            bar.set_postfix(loss=f'{logged["loss"]:.4f}',
+                            ex_s=f'{n * config.batch_size / (time.time() - t_epoch):.1f}')
+          bar.update(1)
+          stopping = stop.agreed(step, config.log_every_steps)
+          if step % config.checkpoint_every_steps == 0 or stopping:
+            if pending is not None:  # Never save past an unchecked step.
+              check_finite(*pending)
+              pending = None
+            checkpoint.save(ckpt, state)
+          if stopping:
+            bar.close()
+            print(f'Stopped by {stop.received} after step {step}: checkpoint '
+                  f'{ckpt.directory}/{step} saved; run the same command to resume')
+            return {'step': step, 'stopped_by': stop.received}
+          if step == end:  # A segment may end inside an epoch (gradual unfreezing by steps).
+            break
+        if pending is not None:
+          check_finite(*pending)
+        if step % steps_per_epoch:
+          continue  # Evaluate at epoch ends only.
+        epoch_skipped = skipped - skipped_before_epoch
+        train_means = {k: float(v) / max(n - epoch_skipped, 1)
+                       for k, v in jax.device_get(sums).items()}
+        test = evaluate(p_eval_step, state, data, config.batch_size, mesh)
+        writer.write(step, split='test', epoch=epoch + 1, **test)
+        result = {'epoch': epoch + 1, 'step': step,
+                  'train_loss': train_means.get('loss', float('nan')),
+                  'train_acc': train_means.get('accuracy', float('nan')),
+                  'test_loss': test['loss'], 'test_acc': test['accuracy']}
+        if len(phases) > 1:
+          result['phase'] = index + 1
+        table.row(**result, **{'ex/s': f'{n * config.batch_size / (time.time() - t_epoch):.1f}',
+                               'time': f'{time.time() - t_start:.0f}s'})
+      checkpoint.save(ckpt, state)  # A segment ends on a checkpoint; the next resumes from it.
+      params, model_state = state.params, state.model_state
   bar.close()
   if not result:  # Resumed a finished run: evaluate what is there.
     test = evaluate(p_eval_step, state, data, config.batch_size, mesh)
     result = {'step': step, 'test_loss': test['loss'], 'test_acc': test['accuracy']}
+  if parallel.is_primary():  # curves.png and confusion_matrix.png (of the final evaluation).
+    plots.save_run_plots(workdir, test['confusion_matrix'], data.class_names)
   result['wall_time_s'] = round(time.time() - t_start, 1)
+  if skipped:
+    result['skipped_steps'] = skipped
   print(f'Done: test accuracy {result["test_acc"]:.4f} after {step} steps '
-        f'({result["wall_time_s"]:.0f} s); workdir {workdir}')
+        + (f'({skipped} skipped as non-finite) ' if skipped else '')
+        + f'({result["wall_time_s"]:.0f} s); workdir {workdir}')
   return result

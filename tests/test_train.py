@@ -1,5 +1,5 @@
-"""The train loop on configs/smoke.py: it learns, checkpoints, and resumes exactly; and a step on
-a mesh of 8 devices equals the single-device step."""
+"""The train loop on configs/smoke.py: it learns, checkpoints, and resumes exactly. (A step on a
+mesh of 8 devices equals the single-device step: tests/test_parallel.py.)"""
 import importlib.util
 import json
 import shutil
@@ -66,28 +66,3 @@ def test_resume_from_checkpoint_is_exact(smoke_run, tmp_path):
   assert step == last_step
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, final)
 
-
-def test_mesh_of_8_devices_equals_one_device():
-  assert jax.device_count() == 8
-  config = smoke_config()
-  module, variables = train_lib.create_model(config, num_classes=4)
-  params = variables['params']
-  labels = freeze.label_params(params, 'full', module)
-  tx, _ = train_lib.make_optimizer(config.optim, labels, 10)
-  rng = np.random.default_rng(0)
-  batch = {'input_ids': rng.integers(0, 128, (16, 12)).astype(np.int32),
-           'label': rng.integers(0, 4, 16).astype(np.int32)}
-  results = []
-  for n in (1, 8):
-    mesh = parallel.make_mesh(n)
-    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
-                                 opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-    state = jax.device_put(state, parallel.replicated(mesh))
-    step = jax.jit(lambda s, b: train_lib.train_step(s, b, module=module, tx=tx, labels=labels),
-                   in_shardings=(parallel.replicated(mesh), parallel.data_sharded(mesh)),
-                   out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
-    for _ in range(3):
-      state, _ = step(state, parallel.shard_batch(batch, mesh))
-    assert len(state.params['classifier']['kernel'].sharding.device_set) == n
-    results.append(jax.device_get(state.params))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), *results)

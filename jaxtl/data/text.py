@@ -12,6 +12,7 @@ config.data fields (see configs/default.py):
 """
 import csv
 import dataclasses
+import io
 import json
 import pathlib
 
@@ -62,7 +63,14 @@ def read_folder(root: pathlib.Path):
 def _read_records(path: pathlib.Path, kind: str):
   """[(line number, record dict)] from a CSV (header row) or JSONL file."""
   records = []
-  with open(path, newline='', encoding='utf-8') as f:
+  raw = path.read_bytes()
+  try:
+    content = raw.decode('utf-8-sig')  # A leading byte-order mark is not part of the header.
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b'\n') + 1
+    raise DataError(f'{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file '
+                    'as UTF-8') from None
+  with io.StringIO(content, newline='') as f:
     if kind == 'csv':
       for line, row in enumerate(csv.DictReader(f), start=2):
         records.append((line, row))
@@ -174,12 +182,23 @@ def tokenize(tokenizer, texts, labels, max_length):
           'token_type_ids': enc['token_type_ids'].astype(np.int32), 'label': labels}
 
 
+# Any of these in a folder means a tokenizer was saved there (save_pretrained writes several).
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'vocab.json',
+                   'spiece.model', 'sentencepiece.bpe.model', 'tokenizer.model')
+
+
 def load_tokenizer(directory):
   from transformers import AutoTokenizer
+  directory = pathlib.Path(directory)
+  if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+    raise DataError(f'{directory}: no tokenizer files (none of {", ".join(TOKENIZER_FILES)}); '
+                    'save the tokenizer there (tokenizer.save_pretrained) or point '
+                    'config.data.tokenizer at a folder that has one')
   try:
     return AutoTokenizer.from_pretrained(str(directory), use_fast=True)
   except (OSError, ValueError) as e:
-    raise DataError(f'{directory}: no usable tokenizer ({e})') from None
+    first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+    raise DataError(f'{directory}: no usable tokenizer ({first})') from None
 
 
 def load(cfg, tokenizer_dir, seed=0) -> TextData:

@@ -87,15 +87,19 @@ class Encoder(nn.Module):
   layer_norm_eps: float
   hidden_dropout: float
   attention_dropout: float
+  remat: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask_bias, train):
     """Every layer's output, after the input (the embeddings)."""
+    # remat: each layer's activations are recomputed in the backward pass instead of stored
+    # (argument 3, `train`, is a Python bool). Param paths stay encoder/layer_i/...
+    layer = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
     hidden_states = [x]
     for i in range(self.num_layers):
-      x = EncoderLayer(self.num_heads, self.intermediate_size, self.hidden_act,
+      x = layer(self.num_heads, self.intermediate_size, self.hidden_act,
                        self.layer_norm_eps, self.hidden_dropout, self.attention_dropout,
                        dtype=self.dtype, param_dtype=self.param_dtype, name=f'layer_{i}')(
                            x, mask_bias, train)
@@ -149,6 +153,7 @@ class Bert(nn.Module):
   # as sentence-transformers models (e.g. all-MiniLM-L6-v2) were trained, with no pooler params.
   pooling: str = 'cls'
   num_classes: Optional[int] = None
+  remat: bool = False               # Recompute each layer's activations in the backward pass.
   dtype: Any = jnp.float32          # Compute dtype (bf16 for mixed precision).
   param_dtype: Any = jnp.float32    # Storage dtype of the params.
 
@@ -178,7 +183,8 @@ class Bert(nn.Module):
                    name='embeddings', **kw)(input_ids, token_type_ids, train)
     hidden_states = Encoder(self.num_layers, self.num_heads, self.intermediate_size,
                             self.hidden_act, self.layer_norm_eps, self.hidden_dropout,
-                            self.attention_dropout, name='encoder', **kw)(x, mask_bias, train)
+                            self.attention_dropout, self.remat, name='encoder', **kw)(
+                                x, mask_bias, train)
     x = hidden_states[-1]
 
     if self.pooling == 'cls':
