@@ -52,5 +52,7 @@ def get_config():
   config.checkpoint_every_steps = 1000
   # data=-1: all devices; fsdp: shard params and optimizer state over them (README).
   config.mesh = dict(data=-1, fsdp=False, fsdp_min_size=2**16, rules=[])
+  # A head-only phase on fixed inputs trains on features computed once: auto|memory|disk|off.
+  config.feature_cache = 'auto'
   config.distributed = False  # True: jax.distributed.initialize() (GPU cluster, TPU pod).
   return config

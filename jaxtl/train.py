@@ -18,8 +18,8 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from jaxtl import (checkpoint, data as data_lib, freeze, lora, metrics, models, parallel, plots,
-                   run, weights)
+from jaxtl import (checkpoint, data as data_lib, feature_cache, freeze, lora, metrics, models,
+                   parallel, plots, run, weights)
 from jaxtl.data import images as image_data, text as text_data
 from jaxtl.errors import ConfigError, JaxtlError
 
@@ -479,9 +479,17 @@ def train_and_evaluate(config, workdir) -> dict:
       if begin < latest:
         state = checkpoint.restore_latest(ckpt, state)
         print(f'Resumed from {ckpt.directory}/{int(state.step)}')
+      # A head-only phase on fixed inputs trains on features computed once (feature_cache.py);
+      # the state keeps the full params, so checkpoints and resume are as without the cache.
+      cache = feature_cache.plan(config, phase, module, state.params, state.model_state, labels,
+                                 data, workdir=workdir, mesh=mesh)
+      step_module, step_data = (cache.module, cache.data) if cache else (module, data)
+      p_step_eval = p_eval_step if cache is None else jax.jit(
+          lambda s, b: eval_step(parallel.gather_params(s, mesh), b, module=step_module),
+          out_shardings=repl)
 
       p_train_step = jax.jit(
-          lambda s, b: train_step(parallel.gather_params(s, mesh), b, module=module, tx=tx,
+          lambda s, b: train_step(parallel.gather_params(s, mesh), b, module=step_module, tx=tx,
                                   labels=labels, frozen_bns=frozen_bns, accum_steps=accum_steps),
           in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, repl),
           donate_argnums=0)
@@ -490,9 +498,9 @@ def train_and_evaluate(config, workdir) -> dict:
       while step < end:
         epoch, skip = divmod(step, steps_per_epoch)  # Epochs count on across phases.
         sums, n, t_epoch, pending, skipped_before_epoch = {}, 0, time.time(), None, skipped
-        for batch in data_lib.batches(data.train, config.batch_size, seed=config.seed,
+        for batch in data_lib.batches(step_data.train, config.batch_size, seed=config.seed,
                                       epoch=epoch, shuffle=True, drop_remainder=True, start=skip):
-          batch = _prepare(data, batch, train=True, seed=config.seed, epoch=epoch, step=step)
+          batch = _prepare(step_data, batch, train=True, seed=config.seed, epoch=epoch, step=step)
           state, step_metrics = p_train_step(state, parallel.shard_batch(batch, mesh))
           if pending is not None:
             check_finite(*pending)
@@ -530,7 +538,7 @@ def train_and_evaluate(config, workdir) -> dict:
         epoch_skipped = skipped - skipped_before_epoch
         train_means = {k: float(v) / max(n - epoch_skipped, 1)
                        for k, v in jax.device_get(sums).items()}
-        test = evaluate(p_eval_step, state, data, config.batch_size, mesh)
+        test = evaluate(p_step_eval, state, step_data, config.batch_size, mesh)
         writer.write(step, split='test', epoch=epoch + 1, **test)
         result = {'epoch': epoch + 1, 'step': step,
                   'train_loss': train_means.get('loss', float('nan')),
