@@ -15,6 +15,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def load_config(name, **overrides):
+  """configs/<name>.py's get_config(), with top-level fields replaced."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update(overrides)
+  return config
+
+
 def make_hf_bert(directory, *, num_labels=None, seed=0, **config):
   """A randomly initialised transformers BERT saved with save_pretrained (safetensors).
 

@@ -1,6 +1,5 @@
 """Using a trained run: predictions for image files, text lines and token lines, and the
 evaluation of its latest checkpoint (train.py --mode=eval), which must agree with the train loop."""
-import importlib.util
 import io
 import json
 import os
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from test_train import smoke_config
 from jaxtl import checkpoint, models, predict, run as run_lib
 from jaxtl import train as train_lib
 from jaxtl.data import images as image_data, text as text_data
@@ -23,13 +23,6 @@ from jaxtl.errors import DataError, JaxtlError
 from jaxtl.models import resnet
 
 
-def smoke_config(**overrides):
-  spec = importlib.util.spec_from_file_location('smoke', ROOT / 'configs' / 'smoke.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update(overrides)
-  return config
 
 
 @pytest.fixture(scope='module')
@@ -101,7 +94,7 @@ def test_eval_cli(smoke_run):
                          str(ROOT / 'configs' / 'smoke.py'), '--workdir', str(workdir),
                          '--mode=eval'], capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
-  assert f'checkpoint 16 on the test split (256 examples)' in proc.stdout
+  assert 'checkpoint 16 on the test split (256 examples)' in proc.stdout
   assert f'accuracy {trained["test_acc"]:.4f}' in proc.stdout
 
 

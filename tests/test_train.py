@@ -1,41 +1,30 @@
 """The train loop on configs/smoke.py: it learns, checkpoints, and resumes exactly. (A step on a
 mesh of 8 devices equals the single-device step: tests/test_parallel.py.)"""
-import importlib.util
 import json
 import shutil
 
 import jax
-import jax.numpy as jnp
+
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtl import parallel, freeze
 from jaxtl import train as train_lib
-from conftest import ROOT
-
+from conftest import load_config
 
 def smoke_config(**overrides):
-  spec = importlib.util.spec_from_file_location('smoke', ROOT / 'configs' / 'smoke.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update(overrides)
-  return config
-
+  return load_config('smoke', **overrides)
 
 def _final_params(workdir):
   mngr = ocp.CheckpointManager(workdir / 'checkpoints')
   restored = mngr.restore(mngr.latest_step())
   return restored['params'], mngr.latest_step()
 
-
 @pytest.fixture(scope='module')
 def smoke_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('smoke')
   result = train_lib.train_and_evaluate(smoke_config(), workdir)
   return workdir, result
-
 
 def test_smoke_learns(smoke_run):
   workdir, result = smoke_run
@@ -45,7 +34,6 @@ def test_smoke_learns(smoke_run):
   assert train_losses[-1] < 0.5 * train_losses[0]
   assert [l['epoch'] for l in lines if l['split'] == 'test'] == [1, 2, 3, 4]
   assert json.loads((workdir / 'classes.json').read_text()) == [f'class_{i}' for i in range(4)]
-
 
 def test_resume_from_checkpoint_is_exact(smoke_run, tmp_path):
   """Delete the final checkpoint, rerun the same command: it resumes mid-run and ends

@@ -1,16 +1,14 @@
 """Training CNNs on image data: BatchNorm semantics under freezing (Keras': a frozen BN runs on
 its running statistics and never updates them; config.bn_mode switches it), and the two-phase
 configs/resnet50_transfer.py end to end on a tiny local image folder and a tiny random HF ResNet."""
-import importlib.util
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 from PIL import Image
 
-from conftest import ROOT
+from conftest import load_config
 from jaxtl import train as train_lib
 from jaxtl.errors import ConfigError
 from jaxtl.weights.strict import flatten
@@ -36,13 +34,6 @@ def make_tiny_resnet(directory, seed=0):
   return directory
 
 
-def load_config(name, **overrides):
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update(overrides)
-  return config
 
 
 @pytest.fixture(scope='module')

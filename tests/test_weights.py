@@ -1,7 +1,6 @@
 """load_pretrained's strictness and its errors: every problem names the file, key and shape."""
 import json
 import os
-import pickle
 import shutil
 
 import numpy as np
