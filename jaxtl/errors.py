@@ -21,5 +21,9 @@ class DataError(JaxtlError):
   """A dataset is missing, empty or malformed (e.g. a label out of range)."""
 
 
+class CheckpointError(JaxtlError):
+  """A run's checkpoint in the workdir is unreadable, or of another model or freeze scheme."""
+
+
 class SchemeError(JaxtlError):
   """A freezing scheme leaves a param uncovered, has a rule matching nothing, or a bad name."""

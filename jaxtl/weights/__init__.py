@@ -82,6 +82,8 @@ def load_pretrained(source, *, arch=None, num_classes=None, dont_load=(), dtype=
   overrides: model fields to change, e.g. {'dtype': jnp.bfloat16, 'hidden_dropout': 0.0}.
   """
   checkpoint = files.read_checkpoint(resolve(source))
+  if not checkpoint.tensors:
+    raise WeightsError(f'{checkpoint.path}: holds no tensors')
   converter = _pick_converter(checkpoint, arch)
 
   own_classes = converter.own_num_classes(checkpoint)
@@ -96,6 +98,11 @@ def load_pretrained(source, *, arch=None, num_classes=None, dont_load=(), dtype=
   module = converter.build(checkpoint, num_classes, arch)
   module = module.clone(**overrides) if overrides else module
   converted, unmapped = converter.convert(checkpoint, module)
+  if not converted:  # Not one tensor has a place: another architecture, not a partial fit.
+    raise WeightsError(
+        f'{checkpoint.path}: none of its {len(checkpoint.tensors)} tensors is a {converter.NAME} '
+        f'tensor (keys: {", ".join(list(checkpoint.tensors)[:5])}, ...); a checkpoint of another '
+        'architecture?')
   shapes = strict.target_shapes(module, *module.example_inputs())
   variables, dropped = strict.merge(
       str(checkpoint.path), shapes, converted,

@@ -58,7 +58,12 @@ def own_num_classes(checkpoint):
 def build(checkpoint, num_classes, arch=None):
   if checkpoint.config is None:
     raise WeightsError(f'{checkpoint.path}: a BERT checkpoint needs its config.json beside it')
-  return bert.from_hf_config(checkpoint.config, num_classes=num_classes)
+  try:
+    return bert.from_hf_config(checkpoint.config, num_classes=num_classes)
+  except KeyError as e:
+    raise WeightsError(f'{checkpoint.directory / "config.json"}: no {e.args[0]!r} (a BERT config '
+                       'needs vocab_size, hidden_size, num_hidden_layers, num_attention_heads and '
+                       'intermediate_size)') from None
 
 
 def convert(checkpoint, module=None):

@@ -154,6 +154,9 @@ def read_npz(path):
   """{key: np.ndarray} from a numpy .npz, as JAX projects save params (big_vision, the original ViT
   and AugReg releases): one array per '/'-joined param path. Pickled objects are refused."""
   import zipfile
+  if not zipfile.is_zipfile(path):  # Else np.load reads it as a pickle or a bare .npy array.
+    raise WeightsError(f'{path}: not a .npz archive (no zip directory: corrupt, truncated or '
+                       'another format)')
   try:
     with np.load(path, allow_pickle=False) as archive:
       return {key: archive[key] for key in archive.files}

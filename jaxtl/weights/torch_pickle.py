@@ -102,17 +102,21 @@ def _load_zip(path):
 
 def _load_legacy(path):
   with open(path, 'rb') as f:
+    if f.read(4) == b'PK\x03\x04':  # A zip whose end (its central directory) is missing.
+      raise WeightsError(f'{path}: truncated or corrupt torch checkpoint (a zip archive without '
+                         'its central directory)')
+    f.seek(0)
     # Header: magic number, protocol version, sys info, each a tiny pickle of plain values.
-    if _SafeHeader(f).load() != _LEGACY_MAGIC:
+    if _SafeHeader(f, path).load() != _LEGACY_MAGIC:
       raise WeightsError(f'{path}: not a torch checkpoint (no zip archive, no legacy magic number)')
-    _SafeHeader(f).load(), _SafeHeader(f).load()
+    _SafeHeader(f, path).load(), _SafeHeader(f, path).load()
     storages, dtypes = {}, {}
     def load_storage(key, dtype, numel):
       dtypes[key] = dtype
       return storages.setdefault(key, _Storage())
     result = _Unpickler(f, load_storage, path).load()
     # The raw storages follow in the order of this key list, each an int64 count and its bytes.
-    for key in _SafeHeader(f).load():
+    for key in _SafeHeader(f, path).load():
       (count,) = struct.unpack('<q', f.read(8))
       nbytes = count * dtypes[key].itemsize
       data = f.read(nbytes)
@@ -123,8 +127,14 @@ def _load_legacy(path):
 
 
 class _SafeHeader(pickle.Unpickler):
+  def __init__(self, file, path):
+    super().__init__(file)
+    self._path = path
+
   def find_class(self, module, name):
-    raise WeightsError(f'unexpected global {module}.{name} in a torch checkpoint header')
+    raise WeightsError(f'{self._path}: not a torch checkpoint (a pickle that asks for '
+                       f'{module}.{name} before any torch header; refusing to load it: it could '
+                       'execute code)')
 
 
 def load(path) -> dict:
