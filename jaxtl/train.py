@@ -261,6 +261,9 @@ def evaluate(p_eval_step, state, data, batch_size, mesh):
 # The loop.
 # ---------------------------------------------------------------------------------------------
 def load_data(config):
+  if config.data.kind not in image_data.KINDS + text_data.KINDS:
+    raise ConfigError(f'config.data.kind {config.data.kind!r} is not one of '
+                      f'{", ".join(image_data.KINDS + text_data.KINDS)}')
   if config.data.kind in image_data.KINDS:
     # Normalisation, input size and crop come with the weights (config.data fields override).
     source = config.model.get('source')
@@ -412,10 +415,20 @@ def train_and_evaluate(config, workdir) -> dict:
   # Phase i covers the global steps (ends[i - 1], ends[i]].
   ends = np.cumsum([phase.num_epochs * steps_per_epoch for phase in phases]).tolist()
   total_steps = ends[-1]
+  for begin, end, index, unfreeze in _segments(phases, ends, module, steps_per_epoch):
+    # Every phase's scheme, optimizer and BN mode are checked before the workdir is written.
+    phase = phases[index]
+    labels = freeze.label_params(params, phase.freeze.scheme, module, phase=unfreeze)
+    make_optimizer(phase.optim, labels, max(ends[index] - (ends[index - 1] if index else 0), 1))
+    frozen_batchnorms(model_state, labels, phase.bn_mode)
 
   workdir = _prepare_workdir(workdir)
   ckpt = checkpoint.manager(workdir)
   latest = ckpt.latest_step() or 0
+  if latest > total_steps:
+    raise ConfigError(f'{ckpt.directory}/{latest}: the run in --workdir {workdir} went past this '
+                      f'config\'s {total_steps} steps; use a new --workdir, or raise '
+                      'config.num_epochs to go on')
   if parallel.is_primary():  # Multi-host: one process writes the plain files.
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     (workdir / 'classes.json').write_text(json.dumps(data.class_names))
@@ -448,7 +461,8 @@ def train_and_evaluate(config, workdir) -> dict:
     tqdm.tqdm.write(f'step {checked_step}: non-finite loss or gradient (loss {loss}); update '
                     'skipped (config.on_nonfinite = skip)')
 
-  with StopRequests() as stop, writer:  # The event file is closed however the loop ends.
+  # The event file and the progress bar are closed however the loop ends.
+  with StopRequests() as stop, writer, bar:
     for begin, end, index, unfreeze in _segments(phases, ends, module, steps_per_epoch):
       if latest > end:  # Finished before a restart; a later checkpoint holds what it did.
         continue
@@ -550,7 +564,6 @@ def train_and_evaluate(config, workdir) -> dict:
                                'time': f'{time.time() - t_start:.0f}s'})
       checkpoint.save(ckpt, state)  # A segment ends on a checkpoint; the next resumes from it.
       params, model_state = state.params, state.model_state
-  bar.close()
   if not result:  # Resumed a finished run: evaluate what is there.
     test = evaluate(p_eval_step, state, data, config.batch_size, mesh)
     result = {'step': step, 'test_loss': test['loss'], 'test_acc': test['accuracy']}

@@ -39,9 +39,8 @@ Case ids (input -> error):
     pickle-runs-code, corrupt-image, label-out-of-range, unknown-model-name,
     resume-checkpoint-of-another-model, and --debug showing the traceback.
 
-Known gap: the optimizer name, schedule, BN mode, lr_mult groups and freeze rules are checked
-inside train_and_evaluate's phase loop, after the workdir's files are written, so those cases
-assert the error but not the absence of the workdir.
+Every config case is refused before the workdir is created (train_and_evaluate checks each
+phase's scheme, optimizer and BN mode first), and each case asserts that.
 
 Also covered elsewhere (not repeated): test_weights.py (missing tensor, unexpected tensor, hub
 offline), test_cli.py (missing config file, bad value, unwritable workdir on the CLI),
@@ -466,9 +465,9 @@ def cached_models(monkeypatch):
 
 
 # (id, fields, error, message excerpts, whether the error comes before the workdir is created).
-# The late ones (optimizer, schedule, BN mode, lr_mult, freeze rules) are checked inside the
-# phase loop, after the workdir's files are written; see the note in the module docstring.
 CONFIG_CASES = [
+    ('unknown-data-kind', {'data.kind': 'txt'}, ConfigError,
+     ["config.data.kind 'txt' is not one of", 'image_folder'], True),
     ('unknown-model-name', {'model.name': 'bert-small'}, ConfigError,
      ["unknown model 'bert-small'", 'bert-tiny'], True),
     ('model-without-source-or-name', {'model.name': ''}, ConfigError,
@@ -486,16 +485,16 @@ CONFIG_CASES = [
     ('phase-unknown-field', {'phases': [dict(freeze=dict(scheme='full'), epochs=1)]},
      ConfigError, ["config.phases[0] has unknown field(s) ['epochs']", 'num_epochs'], True),
     ('bad-optimizer-name', {'optim.name': 'adam'}, ConfigError,
-     ["config.optim.name 'adam' is not one of adamw, sgd"], False),
+     ["config.optim.name 'adam' is not one of adamw, sgd"], True),
     ('bad-schedule', {'optim.schedule': 'step'}, ConfigError,
-     ["config.optim.schedule 'step' is not one of linear, cosine, constant"], False),
+     ["config.optim.schedule 'step' is not one of linear, cosine, constant"], True),
     ('bad-bn-mode', {'bn_mode': 'frozen'}, ConfigError,
-     ["config.bn_mode 'frozen' is not one of follow_freeze, train, eval"], False),
+     ["config.bn_mode 'frozen' is not one of follow_freeze, train, eval"], True),
     ('lr-mult-unknown-group', {'optim.lr_mult': {'encoder': 0.1}}, SchemeError,
-     ["config.optim.lr_mult names group(s) ['encoder']", "['head', 'trainable']"], False),
+     ["config.optim.lr_mult names group(s) ['encoder']", "['head', 'trainable']"], True),
     ('rule-matches-nothing-in-train',
      {'freeze.scheme': [('decoder/.*', 'frozen'), ('.*', 'trainable')]}, SchemeError,
-     ["freeze rule(s) ['decoder/.*'] match no param", 'encoder/layer_0'], False),
+     ["freeze rule(s) ['decoder/.*'] match no param", 'encoder/layer_0'], True),
 ]
 
 

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxtl import train as train_lib
+from jaxtl.errors import ConfigError
 from conftest import load_config
 
 def smoke_config(**overrides):
@@ -54,3 +55,10 @@ def test_resume_from_checkpoint_is_exact(smoke_run, tmp_path):
   assert step == last_step
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, final)
 
+
+
+def test_rerun_with_a_config_shorter_than_the_run(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  shutil.copytree(workdir, tmp_path / 'run')
+  with pytest.raises(ConfigError, match=r"went past this config's 16 steps; use a new --workdir"):
+    train_lib.train_and_evaluate(smoke_config(num_epochs=1), tmp_path / 'run')

@@ -23,6 +23,7 @@ from jaxtl.data import split_holdout
 from jaxtl.errors import DataError, JaxtlError
 
 # tfds text datasets: (text feature, label feature, held-out split).
+KINDS = ('folder', 'csv', 'jsonl', 'tfds', 'synthetic')
 TFDS_FIELDS = {'glue/sst2': ('sentence', 'label', 'validation'),
                'imdb_reviews': ('text', 'label', 'test'),
                'ag_news_subset': ('description', 'label', 'test')}
