@@ -33,7 +33,7 @@ $(FASHION_MNIST):
 	else echo "Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist"; exit 1; fi
 
 test: $(VENV)/.test $(FASHION_MNIST)
-	$(VENV)/bin/python -m pytest -q -rs
+	$(VENV)/bin/python -m pytest -q -rs -n auto  # one worker per core (pytest-xdist)
 
 bench: $(VENV)/.test
 	$(VENV)/bin/python -m benchmarks.freeze_schemes

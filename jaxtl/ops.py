@@ -1,0 +1,267 @@
+"""2-D convolution that trains fast on XLA:CPU, as a drop-in for `flax.linen.Conv`.
+
+XLA:CPU computes a convolution's forward and input gradient at matmul-like speed, but its
+weight-gradient kernel is slow: for a 1x1 conv in ResNet-50 it took 15-40x the time of the same
+contraction written as a matmul, and for 3x3 and 7x7 convs 1.5-3x. So:
+
+  - a 1x1 conv is a matmul over channels (a strided one subsamples first), whose weight gradient
+    is a canonical matmul against the materialised transpose of the input (`dot_general`, also
+    usable in nn.Dense: XLA:CPU's dot that contracts both operands' leading axis is ~3x slower);
+  - a k x k conv keeps XLA's forward and input gradient, and a custom VJP computes the weight
+    gradient as matmuls over shifted views of the input: for each kernel offset (i, j),
+    dW[i, j] = x_shifted(i, j)^T @ dy, contracting batch and space (a k*k-term im2col whose
+    columns are never materialised together). With few input channels (a stem conv on RGB) those
+    matmuls are too thin to run well, so there the shifted views are stacked into one im2col
+    matrix (k*k*C rows) and multiplied once.
+
+Measured per conv on a 2-core AVX2 CPU (ResNet-50 shapes, batch 8; see benchmarks/README.md).
+On GPUs and TPUs the same code is correct; there the matmul forms are what XLA does anyway for
+1x1 convs, and the weight-gradient rewrite costs little, but it is not needed: use `conv2d`
+everywhere for one code path and identical numerics.
+
+`Conv` keeps nn.Conv's param names and shapes ('kernel' (kh, kw, in, out), 'bias' (out,)), so
+checkpoints, loaders, freezing rules and LoRA paths are unchanged.
+"""
+import functools
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+# Below this many input channels the weight gradient is one im2col matmul, not k*k thin ones.
+_IM2COL_MAX_CHANNELS = 16
+
+Padding = Union[str, Sequence[Sequence[int]]]
+
+
+def _pairs(padding: Padding, kernel_hw) -> tuple:
+  if isinstance(padding, str):
+    if padding.upper() != 'VALID':
+      raise ValueError(f"padding {padding!r}: give explicit pairs ((top, bottom), (left, right)) "
+                       "or 'VALID' (PyTorch-style explicit padding; 'SAME' pads strided convs "
+                       'asymmetrically)')
+    return ((0, 0), (0, 0))
+  pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if len(pairs) != len(kernel_hw):
+    raise ValueError(f'padding {padding!r} needs one (low, high) pair per spatial dimension')
+  return pairs
+
+
+def _xla_conv(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMENSIONS)
+
+
+def _shifted_views(xp, kernel_hw, strides, out_hw, axes):
+  """For each kernel offset (i, j), row-major: the strided window of the padded input `xp` that
+  meets kernel tap (i, j) at every output position. `axes` are xp's (height, width) axes."""
+  views = []
+  for i in range(kernel_hw[0]):
+    for j in range(kernel_hw[1]):
+      index = [slice(None)] * xp.ndim
+      index[axes[0]] = slice(i, i + (out_hw[0] - 1) * strides[0] + 1, strides[0])
+      index[axes[1]] = slice(j, j + (out_hw[1] - 1) * strides[1] + 1, strides[1])
+      views.append(xp[tuple(index)])
+  return views
+
+
+def _transposed_matmul(a, b):
+  """a^T @ b for a (K, M) and b (K, N), accumulated in float32: a weight gradient, contracting
+  the long batch (and space) axis.
+
+  XLA:CPU runs a dot that contracts both operands' leading axis on a generic path, at about a
+  third of the speed of its fast (YNNPACK) matmul: 26 against 74 GFLOP/s for a BERT-base MLP
+  weight gradient on one core. Materialising a^T first makes the dot canonical; the
+  optimisation barrier stops XLA from folding the transpose back into the dot. The transpose
+  is a copy of an activation, cheap beside the matmul."""
+  return jnp.matmul(lax.optimization_barrier(a.T), b, preferred_element_type=jnp.float32)
+
+
+def _weight_grad(x, dy, kernel_shape, strides, padding):
+  """dL/dkernel of the conv, given its input x (N, H, W, C) and output gradient dy (N, Ho, Wo, O),
+  as matmuls. Accumulates in float32 (bf16 inputs too) and returns float32."""
+  kh, kw, c, o = kernel_shape
+  out_hw = dy.shape[1:3]
+  dy2 = dy.reshape(-1, o)
+  if c < _IM2COL_MAX_CHANNELS:
+    # One matmul: im2col^T (kh*kw*C, N*Ho*Wo) @ dy (N*Ho*Wo, O). The views are taken from a
+    # channels-first copy so that the stacked matrix is already (rows, N*Ho*Wo): a canonical
+    # matmul with no transposed operand.
+    xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), *padding))
+    cols = jnp.stack(_shifted_views(xt, (kh, kw), strides, out_hw, axes=(2, 3)))
+    dw = jnp.matmul(cols.reshape(kh * kw * c, -1), dy2, preferred_element_type=jnp.float32)
+    return dw.reshape(kh, kw, c, o)
+  # k*k matmuls x_view^T (C, N*Ho*Wo) @ dy (N*Ho*Wo, O): each view is one strided copy of the
+  # input, the largest intermediate; a full im2col would be k*k times that.
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  taps = [_transposed_matmul(view.reshape(-1, c), dy2)
+          for view in _shifted_views(xp, (kh, kw), strides, out_hw, axes=(1, 2))]
+  return jnp.stack(taps).reshape(kh, kw, c, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_kxk(x, kernel, strides, padding):
+  return _xla_conv(x, kernel, strides, padding)
+
+
+def _conv_kxk_fwd(x, kernel, strides, padding):
+  return _xla_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_kxk_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  # The input gradient is XLA's own (a transposed conv, fast on CPU). The primal conv that
+  # jax.vjp traces here is unused and dead-code eliminated; and when x needs no gradient (the
+  # images into a stem), this whole branch is.
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, strides, padding), x)
+  dx, = input_vjp(dy)
+  dw = _weight_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
+  return dx, dw
+
+
+_conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+
+
+def _conv_1x1(x, kernel, strides, padding):
+  if any(lo or hi for lo, hi in padding):
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  if strides != (1, 1):
+    x = x[:, ::strides[0], ::strides[1], :]
+  return _dense(x, kernel.reshape(kernel.shape[2:]), None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x, kernel, precision, preferred_element_type):
+  """x (..., K) @ kernel (K, N)."""
+  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=preferred_element_type)
+
+
+def _dense_fwd(x, kernel, precision, preferred_element_type):
+  return _dense(x, kernel, precision, preferred_element_type), (x, kernel)
+
+
+def _dense_bwd(precision, preferred_element_type, residuals, dy):
+  x, kernel = residuals
+  dy2 = dy.reshape(-1, dy.shape[-1])
+  # dx = dy @ kernel^T is already on XLA:CPU's fast path; the weight gradient is not.
+  dx = lax.dot_general(dy2, kernel, (((1,), (1,)), ((), ())), precision=precision)
+  dw = _transposed_matmul(x.reshape(-1, x.shape[-1]), dy2)
+  return dx.reshape(x.shape).astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  """`lax.dot_general` whose weight gradient runs on XLA:CPU's fast matmul path, for the
+  dense-layer case (lhs's last axis against a 2-D rhs's first, no batch axes); any other case is
+  lax.dot_general itself. Pass it to Flax: `nn.Dense(..., dot_general=ops.dot_general)` keeps
+  the module, its params and LoRA/freezing paths as they are."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  if (kw or lhs_batch or rhs_batch or rhs.ndim != 2 or tuple(rhs_contract) != (0,)
+      or tuple(lhs_contract) != (lhs.ndim - 1,)):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type, **kw)
+  return _dense(lhs, rhs, precision, preferred_element_type)
+
+
+def conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = 'VALID'):
+  """The NHWC x HWIO convolution `lax.conv_general_dilated(x, kernel, strides, padding)`, with
+  gradients that XLA:CPU computes fast (see the module docstring). `padding` is explicit
+  ((top, bottom), (left, right)) pairs, as PyTorch pads, or 'VALID'."""
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(f'conv2d takes NHWC inputs and HWIO kernels; got shapes {x.shape}, '
+                     f'{kernel.shape}')
+  if x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f'input has {x.shape[-1]} channels, the kernel expects {kernel.shape[2]}')
+  strides = tuple(int(s) for s in strides)
+  padding = _pairs(padding, kernel.shape[:2])
+  if kernel.shape[:2] == (1, 1):
+    return _conv_1x1(x, kernel, strides, padding)
+  return _conv_kxk(x, kernel, strides, padding)
+
+
+class Conv(nn.Module):
+  """A 2-D convolution with nn.Conv's params and defaults, computed by `conv2d`.
+
+  Differences from nn.Conv: 2-D NHWC only, no dilation or feature groups, and padding must be
+  explicit pairs or 'VALID'."""
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: Padding = 'VALID'
+  use_bias: bool = True
+  dtype: Optional[Any] = None        # Compute dtype; None: from the inputs and params.
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = conv2d(x, kernel, self.strides, self.padding)
+    return y if bias is None else y + bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Max pooling with PyTorch's padding and a gather-free gradient.
+# ---------------------------------------------------------------------------------------------
+def _max_pool_forward(x, window, strides, padding):
+  init = jnp.array(-jnp.inf, x.dtype)
+  return lax.reduce_window(x, init, lax.max, (1, *window, 1), (1, *strides, 1),
+                           ((0, 0), *padding, (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, padding):
+  return _max_pool_forward(x, window, strides, padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  y = _max_pool_forward(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, padding, residuals, dy):
+  """Each output's gradient goes to the first input (row-major in its window) that equals the
+  max, as PyTorch does: for each window offset, a mask of the positions where it holds the max
+  and no earlier offset did, scattered back by an interior-padded (strided) pad. XLA fuses the
+  offsets into one elementwise loop; jax's own gradient of reduce_window max builds index
+  tensors and a variadic reduce-window that took ~4x as long on XLA:CPU."""
+  x, y = residuals
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+  out_hw = y.shape[1:3]
+  taken = jnp.zeros(y.shape, bool)
+  dxp = jnp.zeros(xp.shape, dy.dtype)
+  zero = jnp.zeros((), dy.dtype)
+  views = _shifted_views(xp, window, strides, out_hw, axes=(1, 2))
+  for index, view in enumerate(views):
+    i, j = divmod(index, window[1])
+    hit = (view == y) & ~taken
+    taken = taken | hit
+    # Place dy at rows i, i + s, ... and columns j, j + s, ... of the padded input.
+    spread = [(0, 0, 0)]
+    for axis, offset in ((1, i), (2, j)):
+      span = (out_hw[axis - 1] - 1) * strides[axis - 1] + 1
+      spread.append((offset, xp.shape[axis] - offset - span, strides[axis - 1] - 1))
+    spread.append((0, 0, 0))
+    dxp = dxp + lax.pad(jnp.where(hit, dy, zero), zero, spread)
+  (top, _), (left, _) = padding
+  return (dxp[:, top:top + x.shape[1], left:left + x.shape[2], :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(x, window: Sequence[int], strides: Sequence[int], padding: Padding = 'VALID'):
+  """NHWC max pooling, padding with -inf (PyTorch's explicit padding); the gradient of each
+  output goes to the first maximal input of its window, as in PyTorch."""
+  window, strides = tuple(int(w) for w in window), tuple(int(s) for s in strides)
+  return _max_pool(x, window, strides, _pairs(padding, window))

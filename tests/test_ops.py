@@ -1,0 +1,155 @@
+"""jaxtl.ops.conv2d and Conv: forward and both gradients equal lax.conv_general_dilated's (1x1 as
+a matmul, k x k with the matmul weight gradient, both of its paths: many input channels and few),
+and Conv is nn.Conv with the same params."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxtl import ops
+
+TOL = 1e-4  # Max abs difference, relative to the reference's largest entry.
+
+# name: (input NHWC, kernel (kh, kw), out channels, strides, padding)
+CASES = {
+    '1x1': ((2, 9, 9, 24), (1, 1), 16, (1, 1), ((0, 0), (0, 0))),
+    '1x1_stride2': ((2, 9, 8, 24), (1, 1), 16, (2, 2), ((0, 0), (0, 0))),
+    '1x1_padded': ((2, 6, 6, 8), (1, 1), 4, (1, 1), ((1, 1), (2, 0))),
+    '3x3': ((2, 10, 10, 32), (3, 3), 24, (1, 1), ((1, 1), (1, 1))),
+    '3x3_stride2': ((2, 11, 10, 32), (3, 3), 24, (2, 2), ((1, 1), (1, 1))),
+    '3x3_few_channels': ((2, 10, 10, 3), (3, 3), 8, (1, 1), ((1, 1), (1, 1))),
+    '3x3_asymmetric_pad': ((2, 9, 9, 20), (3, 3), 8, (2, 1), ((0, 1), (2, 0))),
+    '7x7_stride2_stem': ((2, 20, 20, 3), (7, 7), 16, (2, 2), ((3, 3), (3, 3))),
+    '7x7_stride2_wide': ((1, 17, 17, 24), (7, 7), 8, (2, 2), ((3, 3), (3, 3))),
+    '4x4_patchify_valid': ((2, 16, 16, 3), (4, 4), 12, (4, 4), 'VALID'),
+    '3x1': ((2, 8, 8, 16), (3, 1), 8, (1, 1), ((1, 1), (0, 0))),
+}
+
+
+def _reference(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _assert_close(ours, ref, what):
+  ours, ref = np.asarray(ours), np.asarray(ref)
+  assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+  err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12)
+  assert err < TOL, f'{what}: relative max error {err:.2e}'
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_conv2d_matches_lax_forward_and_gradients(case):
+  shape, kernel_hw, features, strides, padding = CASES[case]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((*kernel_hw, shape[-1], features))
+                       / np.sqrt(np.prod(kernel_hw) * shape[-1]), jnp.float32)
+  ref_y, ref_vjp = jax.vjp(lambda x, k: _reference(x, k, strides, padding), x, kernel)
+  y, vjp = jax.vjp(jax.jit(lambda x, k: ops.conv2d(x, k, strides, padding)), x, kernel)
+  _assert_close(y, ref_y, 'forward')
+  dy = jnp.asarray(rng.standard_normal(ref_y.shape), jnp.float32)
+  (dx, dk), (ref_dx, ref_dk) = vjp(dy), ref_vjp(dy)
+  _assert_close(dx, ref_dx, 'input gradient')
+  _assert_close(dk, ref_dk, 'kernel gradient')
+
+
+def test_kernel_gradient_alone_and_under_jit():
+  """A stem conv differentiates only its kernel (the images are constants): the custom VJP's
+  input gradient is never asked for."""
+  shape, kernel_hw, features, strides, padding = CASES['7x7_stride2_stem']
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((*kernel_hw, shape[-1], features)) * 0.1, jnp.float32)
+  loss = lambda conv: (lambda k: jnp.sum(jnp.sin(conv(x, k, strides, padding))))
+  ours = jax.jit(jax.grad(loss(ops.conv2d)))(kernel)
+  _assert_close(ours, jax.grad(loss(_reference))(kernel), 'kernel gradient')
+
+
+def test_bfloat16_gradients_keep_dtypes():
+  x = jnp.ones((1, 6, 6, 20), jnp.bfloat16)
+  kernel = jnp.full((3, 3, 20, 4), 0.1, jnp.bfloat16)
+  dx, dk = jax.grad(lambda x, k: ops.conv2d(x, k, (1, 1), ((1, 1), (1, 1))).astype(
+      jnp.float32).sum(), argnums=(0, 1))(x, kernel)
+  assert dx.dtype == dk.dtype == jnp.bfloat16
+  # Interior taps see all 36 positions: the f32-accumulated sum is exact in bf16.
+  assert float(dk[1, 1, 0, 0]) == 36.0
+
+
+@pytest.mark.parametrize('use_bias', [False, True])
+def test_conv_module_is_nn_conv(use_bias):
+  kw = dict(features=8, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+            use_bias=use_bias)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 9, 9, 5)), jnp.float32)
+  ours, theirs = ops.Conv(**kw), nn.Conv(**kw)
+  variables = theirs.init(jax.random.key(0), x)
+  assert (jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.key(0), x))
+          == jax.tree_util.tree_map(jnp.shape, variables))
+  if use_bias:  # nn.Conv starts biases at zero; give them values so the test sees them.
+    variables = {'params': {**variables['params'], 'bias': jnp.arange(8.0)}}
+  _assert_close(ours.apply(variables, x), theirs.apply(variables, x), 'Conv vs nn.Conv')
+
+
+def test_conv_rejects_same_padding():
+  with pytest.raises(ValueError, match='explicit'):
+    ops.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (2, 2), 'SAME')
+
+
+@pytest.mark.parametrize('window,strides,padding', [((3, 3), (2, 2), ((1, 1), (1, 1))),
+                                                    ((2, 2), (2, 2), 'VALID'),
+                                                    ((3, 3), (1, 1), ((1, 1), (1, 1)))])
+def test_max_pool_matches_pytorch_values_and_gradients(window, strides, padding):
+  """Against torch.nn.functional.max_pool2d, on inputs with ties (ReLU zeros, repeated values):
+  the gradient goes to the first maximum of each window, as in PyTorch."""
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(3)
+  x = np.maximum(rng.integers(-3, 4, (2, 9, 10, 3)), 0).astype(np.float32)  # Many ties.
+  dy_shape = jax.eval_shape(lambda x: ops.max_pool(x, window, strides, padding), x).shape
+  dy = rng.standard_normal(dy_shape).astype(np.float32)
+  y, vjp = jax.vjp(lambda x: ops.max_pool(x, window, strides, padding), jnp.asarray(x))
+  dx, = vjp(jnp.asarray(dy))
+  tx = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_(True)
+  pad = 0 if padding == 'VALID' else padding[0][0]
+  ty = torch.nn.functional.max_pool2d(tx, window, strides, pad)
+  ty.backward(torch.from_numpy(dy.transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+
+
+def test_max_pool_gradient_matches_jax_without_ties():
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 11, 11, 4)), jnp.float32)
+  pads = ((1, 1), (1, 1))
+  f = lambda pool: (lambda x: jnp.sum(jnp.sin(pool(x))))
+  ours = jax.grad(f(lambda x: ops.max_pool(x, (3, 3), (2, 2), pads)))(x)
+  ref = jax.grad(f(lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=pads)))(x)
+  _assert_close(ours, ref, 'max pool gradient')
+
+
+def test_dot_general_is_lax_dot_general_for_dense_layers():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 7, 12)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
+  numbers = (((2,), (0,)), ((), ()))
+  f = lambda dot: (lambda x, k: jnp.sum(jnp.sin(dot(x, k, numbers))))
+  _assert_close(ops.dot_general(x, kernel, numbers), lax.dot_general(x, kernel, numbers), 'dot')
+  ours = jax.jit(jax.grad(f(ops.dot_general), argnums=(0, 1)))(x, kernel)
+  ref = jax.grad(f(lax.dot_general), argnums=(0, 1))(x, kernel)
+  _assert_close(ours[0], ref[0], 'input gradient')
+  _assert_close(ours[1], ref[1], 'kernel gradient')
+  # Any other contraction is lax.dot_general's own.
+  batched = (((2,), (1,)), ((0,), (0,)))
+  y = jnp.ones((2, 12, 3))
+  _assert_close(ops.dot_general(x, y, batched), lax.dot_general(x, y, batched), 'batched dot')
+
+
+def test_dense_with_ops_dot_general_keeps_params_and_gradients():
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 4, 6)), jnp.float32)
+  ours, theirs = nn.Dense(5, dot_general=ops.dot_general), nn.Dense(5)
+  variables = theirs.init(jax.random.key(0), x)
+  loss = lambda module: (lambda v: jnp.sum(module.apply(v, x) ** 2))
+  _assert_close(ours.apply(variables, x), theirs.apply(variables, x), 'Dense')
+  g_ours, g_ref = jax.grad(loss(ours))(variables), jax.grad(loss(theirs))(variables)
+  for path in ('kernel', 'bias'):
+    _assert_close(g_ours['params'][path], g_ref['params'][path], f'Dense {path} gradient')
