@@ -36,6 +36,7 @@ test: $(VENV)/.test $(FASHION_MNIST)
 	$(VENV)/bin/python -m pytest -q -rs -n auto  # one worker per core (pytest-xdist)
 
 bench: $(VENV)/.test
+	$(VENV)/bin/python -m benchmarks.run
 	$(VENV)/bin/python -m benchmarks.freeze_schemes
 
 clean:

@@ -1,18 +1,21 @@
 """2-D convolution that trains fast on XLA:CPU, as a drop-in for `flax.linen.Conv`.
 
 XLA:CPU computes a convolution's forward and input gradient at matmul-like speed, but its
-weight-gradient kernel is slow: for a 1x1 conv in ResNet-50 it took 15-40x the time of the same
-contraction written as a matmul, and for 3x3 and 7x7 convs 1.5-3x. So:
+weight-gradient kernel is slow: for a 1x1 conv in ResNet-50 it took 4-13x the time of the same
+contraction written as a matmul, and for 3x3 and 7x7 convs 1.3-3x. So:
 
-  - a 1x1 conv is a matmul over channels (a strided one subsamples first), whose weight gradient
-    is a canonical matmul against the materialised transpose of the input (`dot_general`, also
-    usable in nn.Dense: XLA:CPU's dot that contracts both operands' leading axis is ~3x slower);
+  - a 1x1 conv is a matmul over channels (a strided one subsamples first); plain autodiff then
+    gives matmuls for both gradients;
   - a k x k conv keeps XLA's forward and input gradient, and a custom VJP computes the weight
     gradient as matmuls over shifted views of the input: for each kernel offset (i, j),
     dW[i, j] = x_shifted(i, j)^T @ dy, contracting batch and space (a k*k-term im2col whose
     columns are never materialised together). With few input channels (a stem conv on RGB) those
     matmuls are too thin to run well, so there the shifted views are stacked into one im2col
     matrix (k*k*C rows) and multiplied once.
+
+`max_pool` is PyTorch's max pooling with a gradient that needs no index tensors, and
+`dot_general` an optional drop-in for Flax's nn.Dense (`dot_general=ops.dot_general`) whose
+weight gradient takes XLA:CPU's fast matmul path.
 
 Measured per conv on a 2-core AVX2 CPU (ResNet-50 shapes, batch 8; see benchmarks/README.md).
 On GPUs and TPUs the same code is correct; there the matmul forms are what XLA does anyway for
@@ -68,14 +71,16 @@ def _shifted_views(xp, kernel_hw, strides, out_hw, axes):
 
 
 def _transposed_matmul(a, b):
-  """a^T @ b for a (K, M) and b (K, N), accumulated in float32: a weight gradient, contracting
-  the long batch (and space) axis.
+  """a^T @ b for a (K, M) and b (K, N), accumulated in float32: a dense layer's weight gradient,
+  contracting the long batch (and sequence) axis.
 
   XLA:CPU runs a dot that contracts both operands' leading axis on a generic path, at about a
   third of the speed of its fast (YNNPACK) matmul: 26 against 74 GFLOP/s for a BERT-base MLP
   weight gradient on one core. Materialising a^T first makes the dot canonical; the
-  optimisation barrier stops XLA from folding the transpose back into the dot. The transpose
-  is a copy of an activation, cheap beside the matmul."""
+  optimisation barrier stops XLA from folding the transpose back into the dot. But XLA:CPU's
+  large transposes are slow too, so this pays only for wide outputs (N in the thousands, a
+  transformer's MLP): for ResNet-50's convs it made the step ~15 % slower, and conv2d does not
+  use it."""
   return jnp.matmul(lax.optimization_barrier(a.T), b, preferred_element_type=jnp.float32)
 
 
@@ -96,7 +101,8 @@ def _weight_grad(x, dy, kernel_shape, strides, padding):
   # k*k matmuls x_view^T (C, N*Ho*Wo) @ dy (N*Ho*Wo, O): each view is one strided copy of the
   # input, the largest intermediate; a full im2col would be k*k times that.
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  taps = [_transposed_matmul(view.reshape(-1, c), dy2)
+  taps = [lax.dot_general(view.reshape(-1, c), dy2, (((0,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
           for view in _shifted_views(xp, (kh, kw), strides, out_hw, axes=(1, 2))]
   return jnp.stack(taps).reshape(kh, kw, c, o)
 
@@ -129,7 +135,12 @@ def _conv_1x1(x, kernel, strides, padding):
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   if strides != (1, 1):
     x = x[:, ::strides[0], ::strides[1], :]
-  return _dense(x, kernel.reshape(kernel.shape[2:]), None, None)
+  # Plain autodiff of the matmul: its weight gradient contracts N*H*W on XLA:CPU's slower dot
+  # path, but for a conv's activations transposing first costs more than it saves (see
+  # _transposed_matmul); it still beats XLA's conv weight gradient 4-13x.
+  n, h, w, c = x.shape
+  y = jnp.matmul(x.reshape(n * h * w, c), kernel.reshape(c, -1))
+  return y.reshape(n, h, w, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -147,7 +158,9 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
   x, kernel = residuals
   dy2 = dy.reshape(-1, dy.shape[-1])
   # dx = dy @ kernel^T is already on XLA:CPU's fast path; the weight gradient is not.
-  dx = lax.dot_general(dy2, kernel, (((1,), (1,)), ((), ())), precision=precision)
+  common = jnp.promote_types(dy.dtype, kernel.dtype)  # dy is float32 under preferred_element_type.
+  dx = lax.dot_general(dy2.astype(common), kernel.astype(common), (((1,), (1,)), ((), ())),
+                       precision=precision)
   dw = _transposed_matmul(x.reshape(-1, x.shape[-1]), dy2)
   return dx.reshape(x.shape).astype(x.dtype), dw.astype(kernel.dtype)
 

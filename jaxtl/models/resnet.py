@@ -15,7 +15,7 @@ bn(x, use_running_average=not train) so that the train loop can keep frozen ones
 
 Convs are jaxtl.ops.Conv (nn.Conv's params, computed as matmuls where XLA:CPU's conv kernels are
 slow) and the stem's max pool is jaxtl.ops.max_pool (a gather-free gradient): together they make
-ResNet-50's training step about 2.5x faster on a CPU (benchmarks/README.md).
+ResNet-50's training step about 2x faster on a CPU (benchmarks/README.md).
 """
 import functools
 from typing import Any, Optional, Sequence
