@@ -189,8 +189,8 @@ def probabilities(run, arrays, batch_size=32, prepare=None) -> np.ndarray:
 
 def evaluate_checkpoint(config, workdir) -> dict:
   """Loss and accuracy of the latest checkpoint in `workdir` on the test split of `config`'s
-  data, by the train loop's own eval step; written to <workdir>/eval.json (with the confusion
-  matrix and its picture, when the eval step gives one)."""
+  data, by the train loop's own eval step; written to <workdir>/eval.json, with the confusion
+  matrix (also drawn to confusion_matrix.png)."""
   # The training stack loads only here: predicting does without it.
   import jax.numpy as jnp
   from jaxtl import parallel, plots, train as train_lib
@@ -211,16 +211,14 @@ def evaluate_checkpoint(config, workdir) -> dict:
                         in_shardings=(repl, sharded), out_shardings=repl)
   metrics = train_lib.evaluate(p_eval_step, state, data, config.batch_size, mesh)
 
+  confusion = metrics['confusion_matrix']
   result = {'step': int(run.step), 'split': 'test',
-            'num_examples': data_lib.num_examples(data.test), **metrics}
-  confusion = result.get('confusion_matrix')
-  if confusion is not None:
-    result['confusion_matrix'] = np.asarray(confusion).round().astype(int).tolist()
+            'num_examples': data_lib.num_examples(data.test), **metrics,
+            'confusion_matrix': confusion.tolist()}
   path = run.workdir / EVAL_FILE
   try:
     path.write_text(json.dumps(result, indent=1))
-    if confusion is not None:
-      plots.plot_confusion_matrix(confusion, run.class_names, run.workdir / 'confusion_matrix.png')
+    plots.plot_confusion_matrix(confusion, run.class_names, run.workdir / 'confusion_matrix.png')
   except OSError as e:
     raise JaxtlError(f'{e.filename or path}: cannot write ({e.strerror})') from None
   return result

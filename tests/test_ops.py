@@ -103,7 +103,7 @@ def test_conv_rejects_same_padding():
 def test_max_pool_matches_pytorch_values_and_gradients(window, strides, padding):
   """Against torch.nn.functional.max_pool2d, on inputs with ties (ReLU zeros, repeated values):
   the gradient goes to the first maximum of each window, as in PyTorch."""
-  torch = pytest.importorskip('torch')
+  import torch  # In the test extra: a missing torch fails, not skips.
   rng = np.random.default_rng(3)
   x = np.maximum(rng.integers(-3, 4, (2, 9, 10, 3)), 0).astype(np.float32)  # Many ties.
   dy_shape = jax.eval_shape(lambda x: ops.max_pool(x, window, strides, padding), x).shape
