@@ -54,17 +54,6 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-class _Discard:
-  def __getattr__(self, name):
-    return lambda *args, **kwargs: None
-
-
-def primary_only(writer):
-  """`writer` on process 0; on the others an object whose every method does nothing, so that N
-  processes do not append N copies of each line to one file."""
-  return writer if is_primary() else _Discard()
-
-
 # ---------------------------------------------------------------------------------------------
 # Mesh and batches.
 # ---------------------------------------------------------------------------------------------
