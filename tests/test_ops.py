@@ -92,6 +92,47 @@ def test_conv_module_is_nn_conv(use_bias):
   _assert_close(ours.apply(variables, x), theirs.apply(variables, x), 'Conv vs nn.Conv')
 
 
+# name: (input NHWC, kernel (kh, kw), strides, padding), for depthwise convs (MobileNet's).
+DEPTHWISE_CASES = {
+    '3x3': ((2, 9, 9, 12), (3, 3), (1, 1), ((1, 1), (1, 1))),
+    '3x3_stride2_odd': ((2, 11, 10, 12), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    '5x5_asymmetric': ((1, 8, 9, 5), (5, 5), (2, 1), ((2, 1), (0, 2))),
+    '3x3_valid': ((2, 7, 7, 4), (3, 3), (1, 1), 'VALID'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(DEPTHWISE_CASES))
+def test_depthwise_conv2d_matches_grouped_lax_conv(case):
+  shape, kernel_hw, strides, padding = DEPTHWISE_CASES[case]
+  c = shape[-1]
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((*kernel_hw, 1, c)), jnp.float32)
+  reference = lambda x, k: lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
+  ref_y, ref_vjp = jax.vjp(reference, x, kernel)
+  y, vjp = jax.vjp(jax.jit(lambda x, k: ops.depthwise_conv2d(x, k, strides, padding)), x, kernel)
+  _assert_close(y, ref_y, 'forward')
+  dy = jnp.asarray(rng.standard_normal(ref_y.shape), jnp.float32)
+  (dx, dk), (ref_dx, ref_dk) = vjp(dy), ref_vjp(dy)
+  _assert_close(dx, ref_dx, 'input gradient')
+  _assert_close(dk, ref_dk, 'kernel gradient')
+
+
+def test_depthwise_conv_module_is_grouped_nn_conv():
+  kw = dict(features=6, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+            feature_group_count=6, use_bias=False)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 9, 6)), jnp.float32)
+  ours, theirs = ops.Conv(**kw), nn.Conv(**kw)
+  variables = theirs.init(jax.random.key(0), x)
+  assert variables['params']['kernel'].shape == (3, 3, 1, 6)
+  assert (jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.key(0), x))
+          == jax.tree_util.tree_map(jnp.shape, variables))
+  _assert_close(ours.apply(variables, x), theirs.apply(variables, x), 'Conv vs nn.Conv')
+  with pytest.raises(ValueError, match='feature_group_count=2 with 6 input and 6 output'):
+    ops.Conv(**{**kw, 'feature_group_count': 2}).init(jax.random.key(0), x)
+
+
 def test_conv_rejects_same_padding():
   with pytest.raises(ValueError, match='explicit'):
     ops.conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), (2, 2), 'SAME')

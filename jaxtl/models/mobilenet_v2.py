@@ -3,6 +3,8 @@
 stem (3x3/2 conv, BN, ReLU6) -> 17 inverted-residual blocks (1x1 expand, 3x3 depthwise, 1x1
 linear projection; a residual when shape allows) -> 1x1 conv to 1280, BN, ReLU6 -> global average
 pool -> dropout -> fc. Convs pad explicitly as PyTorch does (k // 2 each side), never 'SAME'.
+They are jaxtl.ops.Conv (nn.Conv's params): 1x1 convs as matmuls, depthwise convs as sums of
+shifted views, 8x faster to train on XLA:CPU than nn.Conv (96 px, batch 64: 1.3 s vs 10.5 s).
 
 Param names:
   stem_conv, stem_bn                                  torchvision features.0
@@ -15,6 +17,8 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from jaxtl import ops
 
 # (expansion t, output channels c, repeats n, first stride s), as in the paper and torchvision.
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -33,9 +37,9 @@ def _conv_bn(parent_kw, x, features, name, train, *, kernel=1, stride=1, groups=
              momentum=0.9, eps=1e-5):
   """conv -> BN -> optional ReLU6, as params `<name>_conv`, `<name>_bn` of the calling module."""
   pad = kernel // 2
-  x = nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
-              feature_group_count=groups, use_bias=False, kernel_init=_conv_init,
-              name=f'{name}_conv', **parent_kw)(x)
+  x = ops.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+               feature_group_count=groups, use_bias=False, kernel_init=_conv_init,
+               name=f'{name}_conv', **parent_kw)(x)
   x = nn.BatchNorm(momentum=momentum, epsilon=eps, name=f'{name}_bn', **parent_kw)(
       x, use_running_average=not train)
   return jnp.clip(x, 0.0, 6.0) if relu else x  # ReLU6.
