@@ -266,6 +266,8 @@ def _write_hf_bert(run, module, flat, out):
   params = _params(flat)
   if module.num_classes is None or 'classifier/kernel' not in params:
     raise JaxtlError(f'{run.workdir}: the model has no classification head to export')
+  if module.scan:
+    params = _unstack(params, module.num_layers)
   tensors = _bert_tensors(params)
   mean = module.pooling == 'mean'
   extra = {}
@@ -290,8 +292,8 @@ def _write_hf_bert(run, module, flat, out):
       architectures=['BertModel' if mean else 'BertForSequenceClassification'],
       **_labels(run.class_names), **extra)
   config.save_pretrained(out)
-  _check_reads_back(bert_weights, tensors, None, module, _params_paths(params),
-                    f'{out / WEIGHTS_FILE}')
+  _check_reads_back(bert_weights, tensors, None, module.clone(scan=False),
+                    _params_paths(params), f'{out / WEIGHTS_FILE}')
   tokenizer = run.workdir / 'tokenizer'
   if tokenizer.is_dir():  # Saved through transformers: only the tokenizer's own files.
     from jaxtl.data import text

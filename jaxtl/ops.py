@@ -19,8 +19,9 @@ gradients that are elementwise too. XLA:CPU's grouped-conv kernels took ~4x as l
 more in the gradients (MobileNetV2 at 96 px, batch 64: 2.6 s against 1.3 s a training step).
 
 `max_pool` is PyTorch's max pooling with a gradient that needs no index tensors, and
-`dot_general` an optional drop-in for Flax's nn.Dense (`dot_general=ops.dot_general`) whose
-weight gradient takes XLA:CPU's fast matmul path.
+`dot_general` a drop-in for Flax's nn.Dense (`dot_general=ops.dot_general`, as BERT's and ViT's
+encoder layers use it) whose weight gradient takes XLA:CPU's fast matmul path (on other backends
+it is the plain dot).
 
 Measured per conv on a 2-core AVX2 CPU (ResNet-50 shapes, batch 8; see benchmarks/README.md).
 On GPUs and TPUs the same code is correct; there the matmul forms are what XLA does anyway for
@@ -166,7 +167,11 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
   common = jnp.promote_types(dy.dtype, kernel.dtype)  # dy is float32 under preferred_element_type.
   dx = lax.dot_general(dy2.astype(common), kernel.astype(common), (((1,), (1,)), ((), ())),
                        precision=precision)
-  dw = _transposed_matmul(x.reshape(-1, x.shape[-1]), dy2)
+  x2 = x.reshape(-1, x.shape[-1])
+  if jax.default_backend() == 'cpu':
+    dw = _transposed_matmul(x2, dy2)
+  else:  # GPU/TPU compilers pick their own matmul layouts; a forced transpose would only cost.
+    dw = jnp.matmul(x2.T, dy2, precision=precision, preferred_element_type=jnp.float32)
   return dx.reshape(x.shape).astype(x.dtype), dw.astype(kernel.dtype)
 
 

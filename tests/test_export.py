@@ -153,10 +153,12 @@ def test_cli_bad_workdir_exits_2(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # BERT with its pooler: BertForSequenceClassification.
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope='module')
-def bert_run(tmp_path_factory):
-  module = models.create('bert-tiny', num_classes=3)
+@pytest.fixture(scope='module', params=[False, True], ids=['unrolled', 'scanned'])
+def bert_run(tmp_path_factory, request):
+  module = models.create('bert-tiny', num_classes=3, scan=request.param)
   variables = _random_variables(module, *module.example_inputs())
+  if request.param:  # Stacked layer params, (num_layers, ...), unstacked by the export.
+    assert variables['params']['encoder']['layers']['intermediate']['kernel'].shape == (2, 32, 64)
   return _write_run(tmp_path_factory.mktemp('bert') / 'run', module, variables)
 
 

@@ -49,6 +49,19 @@ def test_bf16_compute_keeps_float32_master_weights():
   np.testing.assert_allclose(logits, reference, atol=0.05)  # bf16 keeps ~3 significant digits.
 
 
+def test_bf16_bert_embedding_gradients_accumulate_in_float32():
+  """Embedding rows are looked up in float32: the table's gradient is a float32 scatter-add,
+  never a bf16 one (nor a cast of the whole table)."""
+  import re
+  module = models.create('bert-tiny', num_classes=4, dtype=jnp.bfloat16, **TINY_BERT)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 128, (8, 12)), jnp.int32)
+  variables = module.init(jax.random.key(0), x)
+  loss = lambda params: jnp.sum(module.apply({'params': params}, x)[0])
+  text = str(jax.make_jaxpr(jax.grad(loss))(variables['params']))
+  scatters = re.findall(r'(\w+)\[[\d,]*\] = scatter-add', text)
+  assert len(scatters) >= 3 and set(scatters) == {'f32'}, scatters  # word, position, token type
+
+
 def test_bf16_first_moments_and_a_bf16_training_run(tmp_path):
   config = smoke_config()
   config.optim.mu_dtype = 'bfloat16'

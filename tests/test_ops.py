@@ -168,17 +168,29 @@ def test_max_pool_gradient_matches_jax_without_ties():
   _assert_close(ours, ref, 'max pool gradient')
 
 
-def test_dot_general_is_lax_dot_general_for_dense_layers():
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
+def test_dot_general_is_lax_dot_general_for_dense_layers(backend, monkeypatch):
+  """On CPU the weight gradient is the transposed-first matmul; elsewhere the plain dot (the
+  'gpu' case fakes the backend name, which is all the branch reads)."""
+  if backend != jax.default_backend():
+    monkeypatch.setattr(ops.jax, 'default_backend', lambda: backend)
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((2, 7, 12)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
   numbers = (((2,), (0,)), ((), ()))
   f = lambda dot: (lambda x, k: jnp.sum(jnp.sin(dot(x, k, numbers))))
   _assert_close(ops.dot_general(x, kernel, numbers), lax.dot_general(x, kernel, numbers), 'dot')
-  ours = jax.jit(jax.grad(f(ops.dot_general), argnums=(0, 1)))(x, kernel)
+  ours = jax.grad(f(ops.dot_general), argnums=(0, 1))(x, kernel)
   ref = jax.grad(f(lax.dot_general), argnums=(0, 1))(x, kernel)
   _assert_close(ours[0], ref[0], 'input gradient')
   _assert_close(ours[1], ref[1], 'kernel gradient')
+  # Mixed precision: bf16 activations, a float32 output gradient and kernel.
+  x16 = x.astype(jnp.bfloat16)
+  dk = jax.grad(lambda k: jnp.sum(ops.dot_general(x16, k.astype(jnp.bfloat16), numbers,
+                                                  preferred_element_type=jnp.float32)))(kernel)
+  assert dk.dtype == jnp.float32
+  want = x16.astype(jnp.float32).sum((0, 1))[:, None]  # d sum(x @ k) / dk; bf16-rounded below.
+  np.testing.assert_allclose(dk, jnp.broadcast_to(want, (12, 5)), rtol=1e-2, atol=1e-2)
   # Any other contraction is lax.dot_general's own.
   batched = (((2,), (1,)), ((0,), (0,)))
   y = jnp.ones((2, 12, 3))

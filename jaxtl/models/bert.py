@@ -7,7 +7,12 @@ Param names follow the Hugging Face layout so that conversion reads as a rename:
   embeddings/{word,position,token_type}_embeddings/embedding, embeddings/LayerNorm/{scale,bias}
   encoder/layer_{i}/attention/{query,key,value,output}/{kernel,bias}, encoder/layer_{i}/attention_norm
   encoder/layer_{i}/intermediate, encoder/layer_{i}/output, encoder/layer_{i}/output_norm
+  encoder/layers/...   the same with a leading axis of size num_layers, when scan=True
   pooler/{kernel,bias}, classifier/{kernel,bias}
+
+scan=True runs the layers as one nn.scan over the stacked params: XLA compiles one layer instead
+of num_layers, which cuts the compile of a BERT-base training step several-fold
+(benchmarks/README.md); the loaders stack Hugging Face's per-layer tensors and export unstacks.
 """
 import functools
 from typing import Any, Optional
@@ -15,6 +20,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxtl import ops
+from jaxtl.models.stacked import StackedBlocks
 
 ACTIVATIONS = {
     'gelu': functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
@@ -40,7 +48,7 @@ class SelfAttention(nn.Module):
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
     dense = functools.partial(nn.Dense, hidden, kernel_init=_init, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype, dot_general=ops.dot_general)
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
     q = split(dense(name='query')(x))
     k = split(dense(name='key')(x))
@@ -73,10 +81,13 @@ class EncoderLayer(nn.Module):
         x, mask_bias, train)
     x = norm(name='attention_norm')(x + dropout(y))
 
-    y = nn.Dense(self.intermediate_size, kernel_init=_init, name='intermediate', **kw)(x)
-    y = ACTIVATIONS[self.hidden_act](y)
-    y = nn.Dense(x.shape[-1], kernel_init=_init, name='output', **kw)(y)
-    return norm(name='output_norm')(x + dropout(y))
+    # ops.dot_general: Flax's matmul with a weight gradient on XLA:CPU's fast path (ops.py).
+    dense = functools.partial(nn.Dense, kernel_init=_init, dot_general=ops.dot_general, **kw)
+    y = ACTIVATIONS[self.hidden_act](dense(self.intermediate_size, name='intermediate')(x))
+    y = dense(x.shape[-1], name='output')(y)
+    x = norm(name='output_norm')(x + dropout(y))
+    # (carry, per-layer output): the form nn.scan wants; the unrolled loop uses the same.
+    return x, x
 
 
 class Encoder(nn.Module):
@@ -88,6 +99,7 @@ class Encoder(nn.Module):
   hidden_dropout: float
   attention_dropout: float
   remat: bool = False
+  scan: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -97,12 +109,19 @@ class Encoder(nn.Module):
     # remat: each layer's activations are recomputed in the backward pass instead of stored
     # (argument 3, `train`, is a Python bool). Param paths stay encoder/layer_i/...
     layer = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+    args = (self.num_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
+            self.hidden_dropout, self.attention_dropout)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan:
+      # One layer's params with a leading layer axis; each step draws its own dropout masks.
+      layers = nn.scan(layer, variable_axes={'params': 0},
+                       split_rngs={'params': True, 'dropout': True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers)
+      _, ys = layers(*args, name='layers', **kw)(x, mask_bias, train)
+      return (x, *(ys[i] for i in range(self.num_layers)))
     hidden_states = [x]
     for i in range(self.num_layers):
-      x = layer(self.num_heads, self.intermediate_size, self.hidden_act,
-                       self.layer_norm_eps, self.hidden_dropout, self.attention_dropout,
-                       dtype=self.dtype, param_dtype=self.param_dtype, name=f'layer_{i}')(
-                           x, mask_bias, train)
+      x, _ = layer(*args, name=f'layer_{i}', **kw)(x, mask_bias, train)
       hidden_states.append(x)
     return tuple(hidden_states)
 
@@ -120,7 +139,13 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids, train):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    embed = lambda n, name: nn.Embed(n, self.hidden_size, embedding_init=_init, name=name, **kw)
+    # Rows are looked up from the float32 tables and summed in float32; only then does the
+    # compute dtype apply. nn.Embed with a bf16 dtype would cast the whole 30k-row table every
+    # step and scatter-add its gradient in bf16 (the suspect behind BERT's slow mixed-precision
+    # step on GPU, benchmarks/README.md).
+    embed = lambda n, name: nn.Embed(n, self.hidden_size, embedding_init=_init, name=name,
+                                     dtype=jnp.promote_types(self.param_dtype, jnp.float32),
+                                     param_dtype=self.param_dtype)
     positions = jnp.arange(input_ids.shape[1])[None]
     x = (embed(self.vocab_size, 'word_embeddings')(input_ids)
          + embed(self.max_position_embeddings, 'position_embeddings')(positions)
@@ -154,6 +179,7 @@ class Bert(nn.Module):
   pooling: str = 'cls'
   num_classes: Optional[int] = None
   remat: bool = False               # Recompute each layer's activations in the backward pass.
+  scan: bool = False                # nn.scan over the layers (params stacked on a layer axis).
   dtype: Any = jnp.float32          # Compute dtype (bf16 for mixed precision).
   param_dtype: Any = jnp.float32    # Storage dtype of the params.
 
@@ -183,7 +209,7 @@ class Bert(nn.Module):
                    name='embeddings', **kw)(input_ids, token_type_ids, train)
     hidden_states = Encoder(self.num_layers, self.num_heads, self.intermediate_size,
                             self.hidden_act, self.layer_norm_eps, self.hidden_dropout,
-                            self.attention_dropout, self.remat, name='encoder', **kw)(
+                            self.attention_dropout, self.remat, self.scan, name='encoder', **kw)(
                                 x, mask_bias, train)
     x = hidden_states[-1]
 
@@ -211,10 +237,13 @@ class Bert(nn.Module):
     return self.num_layers
 
   def param_group(self, path: str):
-    """('stem'|'block'|'neck'|'head', block index or None) for a '/'-joined param path."""
+    """('stem'|'block'|'neck'|'head', block index or None) for a '/'-joined param path. Scanned
+    layer params get a StackedBlocks index: they freeze or train together."""
     top = path.split('/')[0]
     if top == 'embeddings':
       return 'stem', None
+    if top == 'encoder' and path.split('/')[1] == 'layers':
+      return 'block', StackedBlocks(self.num_layers, 'BERT')
     if top == 'encoder':
       return 'block', int(path.split('/')[1].removeprefix('layer_'))
     if top == 'pooler':

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.errors import ConfigError, SchemeError
+from jaxtl import ops
+from jaxtl.errors import ConfigError
+from jaxtl.models.stacked import StackedBlocks
 
 ACTIVATIONS = {
     'gelu': functools.partial(jax.nn.gelu, approximate=False),  # HF and timm: the exact erf form.
@@ -57,7 +59,7 @@ class SelfAttention(nn.Module):
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
     dense = functools.partial(nn.Dense, hidden, kernel_init=_dense_init, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+                              param_dtype=self.param_dtype, dot_general=ops.dot_general)
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
     q = split(dense(use_bias=self.qkv_bias, name='query')(x))
     k = split(dense(use_bias=self.qkv_bias, name='key')(x))
@@ -84,7 +86,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, train):
     kw = dict(kernel_init=_dense_init, bias_init=nn.initializers.normal(stddev=1e-6),
-              dtype=self.dtype, param_dtype=self.param_dtype)
+              dtype=self.dtype, param_dtype=self.param_dtype, dot_general=ops.dot_general)
     y = ACTIVATIONS[self.hidden_act](nn.Dense(self.mlp_dim, name='fc1', **kw)(x))
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return nn.Dense(x.shape[-1], name='fc2', **kw)(y)
@@ -172,48 +174,6 @@ class Encoder(nn.Module):
       x, _ = block(name=f'layer_{i}', **kw)(x, rates[i], train)
       hidden_states.append(x)
     return tuple(hidden_states)
-
-
-class StackedBlocks:
-  """The block 'index' of a scanned layer param: one array holds every block, so it can only be
-  frozen or trained as a whole. Comparisons that split the stack raise a SchemeError (e.g.
-  last_n_blocks:N with 0 < N < num_blocks; N = 0 and N = num_blocks work), and so does
-  arithmetic (layer-wise LR decay)."""
-
-  def __init__(self, num_blocks):
-    self.num_blocks = num_blocks
-
-  def _error(self):
-    return SchemeError(
-        f'a scanned ViT (scan=True) stores its {self.num_blocks} blocks as one stacked array '
-        '(encoder/layers/...), which cannot be frozen per block; build it with scan=False '
-        "(load_pretrained(..., overrides={'scan': False})) to freeze some blocks")
-
-  def __ge__(self, first):   # "Every block in the stack is at index >= first."
-    if first <= 0:
-      return True
-    if first >= self.num_blocks:
-      return False
-    raise self._error()
-
-  def __lt__(self, first):
-    return not self.__ge__(first)
-
-  def __gt__(self, last):
-    return self.__ge__(last + 1)
-
-  def __le__(self, last):
-    return not self.__gt__(last)
-
-  def _no_number(self, *unused):
-    raise self._error()
-
-  # Arithmetic on the index (e.g. layer-wise LR decay) needs one block per param: refuse clearly.
-  __index__ = __int__ = __float__ = _no_number
-  __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _no_number
-
-  def __repr__(self):
-    return f'StackedBlocks({self.num_blocks})'
 
 
 class ViT(nn.Module):
@@ -341,7 +301,7 @@ class ViT(nn.Module):
       return 'stem', None
     if parts[0] == 'encoder' and len(parts) > 1:
       if parts[1] == 'layers':
-        return 'block', StackedBlocks(self.num_layers)
+        return 'block', StackedBlocks(self.num_layers, 'ViT')
       if parts[1].startswith('layer_'):
         return 'block', int(parts[1].removeprefix('layer_'))
     if parts[0] in ('encoder_norm', 'pre_logits'):

@@ -3,12 +3,14 @@
 
 HF keys are renamed module by module; a torch Linear (out, in) becomes a Flax Dense kernel
 (in, out). Keys may carry the `bert.` prefix of the task models, and old TF-converted checkpoints
-spell LayerNorm params `gamma`/`beta`.
+spell LayerNorm params `gamma`/`beta`. For a model built with scan=True the per-layer tensors are
+stacked on a leading layer axis (encoder/layers/...).
 """
 import re
 
 from jaxtl.errors import WeightsError
 from jaxtl.models import bert
+from jaxtl.weights import strict
 
 NAME = 'bert'
 
@@ -79,4 +81,6 @@ def convert(checkpoint, module=None):
         break
     else:
       unmapped.append((key, array))
+  if module is not None and module.scan:  # One stacked tensor per layer param.
+    converted = strict.stack_layers(converted, module.num_layers, checkpoint.path)
   return converted, unmapped

@@ -101,3 +101,40 @@ def target_shapes(module, *example_args) -> dict:
   """{variable path: ShapeDtypeStruct} of all the module's variables, without allocating them."""
   variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args))
   return flatten(variables)
+
+
+# Scanned layers (scan=True): per-layer source tensors stacked on a leading layer axis.
+def stacked_key(keys):
+  """'blocks.{0..11}.attn.proj.weight' for the per-layer source keys of one stacked param."""
+  if len(set(keys)) == 1:
+    return keys[0]
+  bases = {re.sub(r'\[\d+\]$', '', k) for k in keys}
+  if len(bases) == 1:  # Split from a scanned source: its own key.
+    return bases.pop()
+  pattern = re.sub(r'(?<=[._])0(?=[./\[]|$)', '{}', keys[0], count=1)
+  if '{}' in pattern and all(k == pattern.format(i) for i, k in enumerate(keys)):
+    return pattern.replace('{}', '{0..%d}' % (len(keys) - 1))
+  return f'{keys[0]} ... {keys[-1]}'
+
+
+def stack_layers(converted, num_layers, source_name, prefix='params/encoder/'):
+  """Converted tensors at `<prefix>layer_{i}/<rest>` for i < num_layers -> one stacked tensor at
+  `<prefix>layers/<rest>` (leading axis: the layer), for a model built with scan=True. Layers at
+  or beyond num_layers stay as they are, so that merge reports them as unexpected."""
+  out, by_rest = {}, {}
+  pattern = re.compile(re.escape(prefix) + r'layer_(\d+)/(.+)')
+  for path, value in converted.items():
+    m = pattern.fullmatch(path)
+    if m and int(m.group(1)) < num_layers:
+      by_rest.setdefault(m.group(2), {})[int(m.group(1))] = value
+    else:
+      out[path] = value
+  for rest, layers in by_rest.items():
+    missing = [i for i in range(num_layers) if i not in layers]
+    if missing:
+      raise WeightsError(f'{source_name}: layer(s) {missing} lack {rest} (layer '
+                         f'{min(layers)} has it: {layers[min(layers)][0]})')
+    parts = [layers[i] for i in range(num_layers)]
+    out[f'{prefix}layers/{rest}'] = (stacked_key([key for key, _ in parts]),
+                                     np.stack([np.asarray(array) for _, array in parts]))
+  return out

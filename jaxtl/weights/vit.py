@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxtl.errors import WeightsError
 from jaxtl.models import vit
+from jaxtl.weights import strict
 
 NAME = 'vit'
 ARCHS = ('vit-ti16', 'vit-s16', 'vit-b16', 'vit-b32', 'vit-l16')
@@ -426,19 +427,6 @@ def _fit_pos_embedding(kind, checkpoint, top, module):
 # ---------------------------------------------------------------------------------------------
 # Conversion.
 # ---------------------------------------------------------------------------------------------
-def _stacked_key(keys):
-  """'blocks.{0..11}.attn.proj.weight' for the per-layer source keys of one stacked param."""
-  if len(set(keys)) == 1:
-    return keys[0]
-  bases = {re.sub(r'\[\d+\]$', '', k) for k in keys}
-  if len(bases) == 1:  # Split from a scanned source: its own key.
-    return bases.pop()
-  pattern = re.sub(r'(?<=[._])0(?=[./\[]|$)', '{}', keys[0], count=1)
-  if '{}' in pattern and all(k == pattern.format(i) for i, k in enumerate(keys)):
-    return pattern.replace('{}', '{0..%d}' % (len(keys) - 1))
-  return f'{keys[0]} ... {keys[-1]}'
-
-
 def convert(checkpoint, module=None):
   """({'params/<path>': (source key, array in Flax layout)}, [(unmapped source key, array)])."""
   kind, top, layers, unmapped, facts = _read(checkpoint)
@@ -464,7 +452,7 @@ def convert(checkpoint, module=None):
         missing = [i for i, p in enumerate(parts) if p is None]
         raise WeightsError(f'{checkpoint.path}: layer(s) {missing} lack {path} (layer 0 has it)')
       converted['params/encoder/layers/' + path] = (
-          _stacked_key([k for k, _ in parts]), np.stack([np.asarray(a) for _, a in parts]))
+          strict.stacked_key([k for k, _ in parts]), np.stack([np.asarray(a) for _, a in parts]))
   else:
     for i, layer in enumerate(layers):
       for path, value in layer.items():
