@@ -6,11 +6,15 @@
 
 Models, random weights, batch 8: BERT-base at 128 tokens (transformers'
 BertForSequenceClassification), ViT-B/16 at 224 (ViTForImageClassification), ResNet-50 at 224
-(torchvision's layout, tests/torch_cnns.py). Modes:
+(torchvision's layout, tests/torch_cnns.py); on request (--models mobilenet) MobileNetV2 at 224,
+torchvision's layout. Modes:
   full         every param trains                       jaxtl preset 'full'
   last_blocks  the last 2 blocks (+ neck) and the head  jaxtl preset 'last_n_blocks:2'
   frozen       the head only (frozen backbone)          jaxtl preset 'linear_probe'
   eval         the inference forward pass
+jaxtl's BERT and ViT run their layers as one nn.scan (--layers scan, the default: a much faster
+compile) except in last_blocks mode, where a scanned stack could not be split; --layers unrolled
+measures the unrolled models everywhere.
 The jaxtl step is the product's: jaxtl.train.train_step with freeze.label_params and
 make_optimizer (AdamW, weight decay off 1-D params, clipping at global norm 1.0). The PyTorch
 step does the same: AdamW (decay off 1-D params) over the trainable params only
@@ -24,7 +28,8 @@ worker of a (model, mode) are started one after the other (never compiling or lo
 concurrently), warm up, and then take turns, one step each, so slow drifts in machine load hit
 both alike. Times are the median of the timed steps. Compile time is jaxtl's trace + lower +
 compile of the step. FLOP utilisation is the step's FLOPs (XLA cost analysis of jaxtl's compiled
-step; PyTorch does the same arithmetic) per second over a float32 matmul peak measured by jax in
+step, or for a scanned model of the unrolled step as lowered, since the analysis counts a loop
+body once; PyTorch does the same arithmetic) per second over a float32 matmul peak measured by jax in
 this run, at its start and end. The CPU time that other processes used during each measurement
 is /proc/stat's busy time minus this process tree's own, so a disturbed run shows.
 """
@@ -45,8 +50,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = ('full', 'last_blocks', 'frozen', 'eval')
 SCHEMES = {'full': 'full', 'last_blocks': 'last_n_blocks:2', 'frozen': 'linear_probe'}
 MODELS = ('bert', 'vit', 'resnet')
-JAXTL_NAMES = {'bert': 'bert-base', 'vit': 'vit-b16', 'resnet': 'resnet50'}
-NUM_CLASSES = {'bert': 2, 'vit': 1000, 'resnet': 1000}
+EXTRA_MODELS = ('mobilenet',)  # Measured when named in --models.
+JAXTL_NAMES = {'bert': 'bert-base', 'vit': 'vit-b16', 'resnet': 'resnet50',
+               'mobilenet': 'mobilenet_v2'}
+NUM_CLASSES = {'bert': 2, 'vit': 1000, 'resnet': 1000, 'mobilenet': 1000}
 BATCH, SEQ, IMAGE = 8, 128, 224
 
 
@@ -105,14 +112,43 @@ class OthersMeter:
 # ---------------------------------------------------------------------------------------------
 # Workers: one fresh process per (framework, model, mode). They speak JSON lines on stdout.
 # ---------------------------------------------------------------------------------------------
-def jaxtl_worker(model, mode, warmup):
+def scanned(model, mode, layers):
+  """Whether jaxtl's model runs its layers as one nn.scan: BERT and ViT with --layers scan, except
+  in last_blocks mode (a scanned stack of layers freezes or trains as a whole)."""
+  return layers == 'scan' and model in ('bert', 'vit') and mode != 'last_blocks'
+
+
+def unrolled_flops(module, mode, batch):
+  """XLA's cost analysis counts a scan's body once, not once per layer: the FLOPs of a scanned
+  model's step are those of the same step with the layers unrolled, lowered (not compiled) from
+  shapes alone."""
+  import jax
+
+  from benchmarks import accelerator as common
+
+  unrolled = module.clone(scan=False)
+  variables = jax.eval_shape(lambda: unrolled.init(jax.random.key(0), *unrolled.example_inputs()))
+  if mode == 'eval':
+    return common.cost(jax.jit(common.forward_fn(unrolled)).lower(variables, batch))
+  built = {}
+
+  def setup(variables):
+    state, built['step'] = common.train_setup(unrolled, variables, SCHEMES[mode])
+    return state
+  state = jax.eval_shape(setup, variables)
+  return common.cost(jax.jit(built['step']).lower(state, batch))
+
+
+def jaxtl_worker(model, mode, warmup, layers):
   import jax
 
   from benchmarks import accelerator as common
   from jaxtl import models
 
   base_rss = rss_mb()
-  module = models.create(JAXTL_NAMES[model], num_classes=NUM_CLASSES[model])
+  scan = scanned(model, mode, layers)
+  module = models.create(JAXTL_NAMES[model], num_classes=NUM_CLASSES[model],
+                         **({'scan': True} if scan else {}))
   batch = (common.text_batch(BATCH, SEQ) if model == 'bert' else common.image_batch(BATCH, IMAGE))
   batch = jax.device_put(batch)
   variables = common.init_variables(module)
@@ -130,8 +166,9 @@ def jaxtl_worker(model, mode, warmup):
       holder[0], metrics = compiled(holder[0], batch)
       return metrics['loss']
   timed = lambda: jax.block_until_ready(run())
-  return timed, dict(base_rss_mb=base_rss, compile_s=compile_s, flops=common.cost(compiled),
-                     xla_memory=common.memory(compiled))
+  flops = unrolled_flops(module, mode, batch) if scan else common.cost(compiled)
+  return timed, dict(base_rss_mb=base_rss, compile_s=compile_s, flops=flops,
+                     xla_memory=common.memory(compiled), scan=scan)
 
 
 def torch_model(model):
@@ -157,17 +194,25 @@ def torch_model(model):
     layers = net.vit.layers if hasattr(net.vit, 'layers') else net.vit.encoder.layer
     head = [net.classifier]
     last = [layers[-2], layers[-1], net.vit.layernorm] + head
-  else:
+  elif model == 'resnet':
     sys.path.insert(0, str(ROOT / 'tests'))
     import torch_cnns
     net = torch_cnns.resnet(50, num_classes=NUM_CLASSES[model])
     forward = lambda net, b: net(b['images'])[0]
     head = [net.fc]
     last = [net.layer4[-2], net.layer4[-1]] + head
+  else:
+    sys.path.insert(0, str(ROOT / 'tests'))
+    import torch_cnns
+    net = torch_cnns.MobileNetV2(num_classes=NUM_CLASSES[model])
+    forward = lambda net, b: net(b['images'])[0]
+    head = [net.classifier]
+    # jaxtl's last_n_blocks:2 = the last two inverted residuals, the neck (features.18), the head.
+    last = [net.features[-3], net.features[-2], net.features[-1]] + head
   return net, forward, last, head
 
 
-def torch_worker(model, mode, warmup):
+def torch_worker(model, mode, warmup, layers=None):
   import torch
 
   from benchmarks import accelerator as common
@@ -211,14 +256,14 @@ def torch_worker(model, mode, warmup):
 
 
 def worker_main(spec, warmup):
-  """`--worker framework:model:mode`: build, warm up, say ready, then time one step per 'step'
-  line on stdin until 'stop', and report peak memory."""
+  """`--worker framework:model:mode:layers`: build, warm up, say ready, then time one step per
+  'step' line on stdin until 'stop', and report peak memory."""
   protocol = os.fdopen(os.dup(1), 'w')
   os.dup2(2, 1)  # Anything else that prints (libraries, XLA) goes to stderr, not the protocol.
   say = lambda obj: (protocol.write(json.dumps(obj) + '\n'), protocol.flush())
-  framework, model, mode = spec.split(':')
+  framework, model, mode, layers = spec.split(':')
   info_cpus = sorted(os.sched_getaffinity(0))
-  run, info = (jaxtl_worker if framework == 'jaxtl' else torch_worker)(model, mode, warmup)
+  run, info = (jaxtl_worker if framework == 'jaxtl' else torch_worker)(model, mode, warmup, layers)
   for _ in range(warmup):
     run()
   say(dict(ready=True, cpus=info_cpus, **info))
@@ -302,11 +347,11 @@ def measure_peak(cpus=None):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(model, mode, steps, warmup, cpus=None):
+def measure(model, mode, steps, warmup, cpus=None, layers='scan'):
   """One (model, mode): the two workers, started in turn, then alternating steps."""
   started = time.perf_counter()
-  jaxtl = Worker(f'jaxtl:{model}:{mode}', warmup, cpus)
-  torch_ = Worker(f'torch:{model}:{mode}', warmup, cpus)
+  jaxtl = Worker(f'jaxtl:{model}:{mode}:{layers}', warmup, cpus)
+  torch_ = Worker(f'torch:{model}:{mode}:{layers}', warmup, cpus)
   pids = (jaxtl.proc.pid, torch_.proc.pid)
   meter = OthersMeter().start(pids)
   times = {'jaxtl': [], 'torch': []}
@@ -330,7 +375,7 @@ def measure(model, mode, steps, warmup, cpus=None):
 
 
 def _table(rows, peak_gflops):
-  header = (f'{"model":7s} {"mode":12s} {"jaxtl s":>8s} {"torch s":>8s} {"ratio":>6s} '
+  header = (f'{"model":10s} {"mode":14s} {"jaxtl s":>8s} {"torch s":>8s} {"ratio":>6s} '
             f'{"cpu":>5s}   '
             f'{"compile s":>9s}   {"mem MiB jaxtl/torch":>19s} {"ratio":>6s}   '
             f'{"FLOP util jaxtl/torch":>21s}   {"others":>6s}')
@@ -338,8 +383,9 @@ def _table(rows, peak_gflops):
   for r in rows:
     j, t = r['jaxtl'], r['torch']
     util = lambda s: 100 * j['flops'] / s / (peak_gflops * 1e9)
+    mode = r['mode'] + (' (scan)' if j.get('scan') else '')
     lines.append(
-        f'{r["model"]:7s} {r["mode"]:12s} {j["step_s"]:8.3f} {t["step_s"]:8.3f} '
+        f'{r["model"]:10s} {mode:14s} {j["step_s"]:8.3f} {t["step_s"]:8.3f} '
         f'{r["time_ratio"]:6.2f} {r["cpu_ratio"]:5.2f}   {j["compile_s"]:9.1f}   '
         f'{j["peak_delta_mb"]:9,.0f}/{t["peak_delta_mb"]:<9,.0f} {r["memory_ratio"]:6.2f}   '
         f'{util(j["step_s"]):9.0f}% /{util(t["step_s"]):4.0f}%      '
@@ -352,7 +398,8 @@ def main():
   parser.add_argument('--quick', action='store_true',
                       help='the full fine-tune step only, 1 warm-up and 1 timed step per side '
                            '(about 4 minutes on a quiet 2-core CPU)')
-  parser.add_argument('--models', default=','.join(MODELS), help='comma-separated: bert,vit,resnet')
+  parser.add_argument('--models', default=','.join(MODELS),
+                      help='comma-separated: bert,vit,resnet (default), mobilenet')
   parser.add_argument('--modes', default=None, help=f'comma-separated: {",".join(MODES)}')
   parser.add_argument('--steps', type=int, default=None, help='timed steps per side (default 5)')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
@@ -361,6 +408,9 @@ def main():
   parser.add_argument('--cpus', default=None,
                       help='pin both frameworks to these CPUs, e.g. "0" for a one-core comparison '
                            '(default: all cores)')
+  parser.add_argument('--layers', choices=('scan', 'unrolled'), default='scan',
+                      help="jaxtl's BERT and ViT: layers as one nn.scan (default; not in "
+                           'last_blocks mode, where a scanned stack cannot be split) or unrolled')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   parser.add_argument('--peak', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -373,7 +423,7 @@ def main():
   cpus = {int(c) for c in args.cpus.split(',')} if args.cpus else None
   modes = args.modes.split(',') if args.modes else (['full'] if args.quick else list(MODES))
   steps = args.steps or (1 if args.quick else 5)
-  for name, valid in ((models, MODELS), (modes, MODES)):
+  for name, valid in ((models, MODELS + EXTRA_MODELS), (modes, MODES)):
     bad = sorted(set(name) - set(valid))
     if bad:
       parser.error(f'unknown {bad}; choose from {",".join(valid)}')
@@ -392,7 +442,7 @@ def main():
   rows = []
   for model in models:
     for mode in modes:
-      row = measure(model, mode, steps, args.warmup, cpus)
+      row = measure(model, mode, steps, args.warmup, cpus, args.layers)
       rows.append(row)
       print(f'  {model:6s} {mode:11s} jaxtl {row["jaxtl"]["step_s"]:7.3f} s  torch '
             f'{row["torch"]["step_s"]:7.3f} s  ratio {row["time_ratio"]:5.2f}  (others used '
