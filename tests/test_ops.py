@@ -40,6 +40,18 @@ def _assert_close(ours, ref, what):
   assert err < TOL, f'{what}: relative max error {err:.2e}'
 
 
+def _assert_same_vjp(ours, reference, x, kernel, rng):
+  """ours(x, kernel) (jitted) against reference: the output, and both gradients for a random
+  output gradient."""
+  ref_y, ref_vjp = jax.vjp(reference, x, kernel)
+  y, vjp = jax.vjp(jax.jit(ours), x, kernel)
+  _assert_close(y, ref_y, 'forward')
+  dy = jnp.asarray(rng.standard_normal(ref_y.shape), jnp.float32)
+  (dx, dk), (ref_dx, ref_dk) = vjp(dy), ref_vjp(dy)
+  _assert_close(dx, ref_dx, 'input gradient')
+  _assert_close(dk, ref_dk, 'kernel gradient')
+
+
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_conv2d_matches_lax_forward_and_gradients(case):
   shape, kernel_hw, features, strides, padding = CASES[case]
@@ -47,13 +59,8 @@ def test_conv2d_matches_lax_forward_and_gradients(case):
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((*kernel_hw, shape[-1], features))
                        / np.sqrt(np.prod(kernel_hw) * shape[-1]), jnp.float32)
-  ref_y, ref_vjp = jax.vjp(lambda x, k: _reference(x, k, strides, padding), x, kernel)
-  y, vjp = jax.vjp(jax.jit(lambda x, k: ops.conv2d(x, k, strides, padding)), x, kernel)
-  _assert_close(y, ref_y, 'forward')
-  dy = jnp.asarray(rng.standard_normal(ref_y.shape), jnp.float32)
-  (dx, dk), (ref_dx, ref_dk) = vjp(dy), ref_vjp(dy)
-  _assert_close(dx, ref_dx, 'input gradient')
-  _assert_close(dk, ref_dk, 'kernel gradient')
+  _assert_same_vjp(lambda x, k: ops.conv2d(x, k, strides, padding),
+                   lambda x, k: _reference(x, k, strides, padding), x, kernel, rng)
 
 
 def test_kernel_gradient_alone_and_under_jit():
@@ -110,13 +117,8 @@ def test_depthwise_conv2d_matches_grouped_lax_conv(case):
   kernel = jnp.asarray(rng.standard_normal((*kernel_hw, 1, c)), jnp.float32)
   reference = lambda x, k: lax.conv_general_dilated(
       x, k, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-  ref_y, ref_vjp = jax.vjp(reference, x, kernel)
-  y, vjp = jax.vjp(jax.jit(lambda x, k: ops.depthwise_conv2d(x, k, strides, padding)), x, kernel)
-  _assert_close(y, ref_y, 'forward')
-  dy = jnp.asarray(rng.standard_normal(ref_y.shape), jnp.float32)
-  (dx, dk), (ref_dx, ref_dk) = vjp(dy), ref_vjp(dy)
-  _assert_close(dx, ref_dx, 'input gradient')
-  _assert_close(dk, ref_dk, 'kernel gradient')
+  _assert_same_vjp(lambda x, k: ops.depthwise_conv2d(x, k, strides, padding), reference, x,
+                   kernel, rng)
 
 
 def test_depthwise_conv_module_is_grouped_nn_conv():
