@@ -18,7 +18,7 @@ benchmarks/results/mobilenet_v2_fashion_mnist-2026-11-28.jsonl):
   jumps (0.4 -> 2.6) for a few dozen steps: BatchNorm switches from the running statistics it
   used while frozen to batch statistics, and the new SGD starts (curves.png in the workdir).
   Wall time 49.6 min from start to finish (the run's own count: 2,971 s), of which phase 1 took
-  2.3 min; phase 2 ran at ~0.85 s a step when the machine was otherwise idle (part of its first
+  2.3 min; phase 2 ran at ~0.9 s a step when the machine was otherwise idle (part of its first
   epoch shared the CPU with a test run). jaxtl.ops' matmul and shifted-view convolutions make
   that possible on a CPU: with flax's nn.Conv a training step took 6.7x as long
   (python -m benchmarks.conv_ab).
