@@ -445,18 +445,11 @@ def convert(checkpoint, module=None):
   top['pos_embedding'] = _fit_pos_embedding(kind, checkpoint, top, module)
 
   converted = {'params/' + path: value for path, value in top.items()}
-  if module.scan:
-    for path in layers[0]:
-      parts = [layer.get(path) for layer in layers]
-      if any(p is None for p in parts):
-        missing = [i for i, p in enumerate(parts) if p is None]
-        raise WeightsError(f'{checkpoint.path}: layer(s) {missing} lack {path} (layer 0 has it)')
-      converted['params/encoder/layers/' + path] = (
-          strict.stacked_key([k for k, _ in parts]), np.stack([np.asarray(a) for _, a in parts]))
-  else:
-    for i, layer in enumerate(layers):
-      for path, value in layer.items():
-        converted[f'params/encoder/layer_{i}/{path}'] = value
+  for i, layer in enumerate(layers):
+    for path, value in layer.items():
+      converted[f'params/encoder/layer_{i}/{path}'] = value
+  if module.scan:  # One stacked tensor per layer param.
+    converted = strict.stack_layers(converted, module.num_layers, checkpoint.path)
   return converted, unmapped
 
 
