@@ -4,7 +4,8 @@ stem (3x3/2 conv, BN, ReLU6) -> 17 inverted-residual blocks (1x1 expand, 3x3 dep
 linear projection; a residual when shape allows) -> 1x1 conv to 1280, BN, ReLU6 -> global average
 pool -> dropout -> fc. Convs pad explicitly as PyTorch does (k // 2 each side), never 'SAME'.
 They are jaxtl.ops.Conv (nn.Conv's params): 1x1 convs as matmuls, depthwise convs as sums of
-shifted views, 8x faster to train on XLA:CPU than nn.Conv (96 px, batch 64: 1.3 s vs 10.5 s).
+shifted views; a training step on XLA:CPU is 6.7x faster than with nn.Conv (python -m
+benchmarks.conv_ab, 96 px, batch 64; benchmarks/README.md).
 
 Param names:
   stem_conv, stem_bn                                  torchvision features.0
