@@ -18,10 +18,11 @@ the input, each times its tap's per-channel weights: elementwise work that XLA f
 gradients that are elementwise too. XLA:CPU's grouped-conv kernels took ~4x as long forward and
 more in the gradients (MobileNetV2 at 96 px, batch 64: 2.6 s against 1.3 s a training step).
 
-`max_pool` is PyTorch's max pooling with a gradient that needs no index tensors, and
+`max_pool` is PyTorch's max pooling with a gradient that needs no index tensors,
 `dot_general` a drop-in for Flax's nn.Dense (`dot_general=ops.dot_general`, as BERT's and ViT's
 encoder layers use it) whose weight gradient takes XLA:CPU's fast matmul path (on other backends
-it is the plain dot).
+it is the plain dot), and `dot_product_attention` BERT's and ViT's softmax attention in a layout
+that XLA:CPU runs ~3x faster than the einsum form.
 
 Measured per conv on a 2-core AVX2 CPU (ResNet-50 shapes, batch 8; see benchmarks/README.md).
 On GPUs and TPUs the same code is correct; there the matmul forms are what XLA does anyway for
@@ -189,6 +190,40 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, **kw)
   return _dense(lhs, rhs, precision, preferred_element_type)
+
+
+def dot_product_attention(q, k, v, bias=None, dropout: Optional[Callable] = None, dtype=None):
+  """Softmax attention, `softmax(q k^T / sqrt(d) + bias) v`, for q, k, v of shape (batch,
+  length, heads, head_dim): what BERT's and ViT's self-attention compute, in a layout that runs
+  well on XLA:CPU.
+
+  The scores are taken in the inputs' dtype, the softmax (with `bias`, broadcastable to (batch,
+  heads, q_length, k_length)) in float32, and the probabilities cast to `dtype` (default: v's)
+  before `dropout` (a function of the probabilities, e.g. a bound nn.Dropout) and the product with
+  v. Returns (batch, q_length, heads, head_dim).
+
+  Why the explicit layout: written as einsums over (batch, length, heads, head_dim), XLA:CPU
+  fused the whole inference attention (both batched dots and the softmax) into one YNNPACK
+  fusion that took 38 ms per BERT-base layer (batch 8, 128 tokens); with q, k and v first
+  transposed to (batch, heads, length, head_dim), each batched dot is a plain matmul per head
+  and the same attention takes ~12 ms. Whole models, same process, alternating: BERT-base's eval
+  forward 0.84x the einsum form's time, ViT-B/16's 0.91x (against jax.nn.dot_product_attention)
+  and its full training step 0.91x; BERT-base's training step unchanged. The transposes are
+  cheap copies; on other backends the layout is XLA's choice anyway. Without dropout and bias, on other backends, jax.nn.dot_product_attention
+  runs instead (a fused kernel where one exists, e.g. cuDNN for bf16 on GPU)."""
+  dtype = dtype or v.dtype
+  if dropout is None and bias is None and jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q, k, v)
+  heads_first = lambda t: jnp.transpose(t, (0, 2, 1, 3))
+  q = heads_first(q / jnp.sqrt(q.shape[-1]).astype(q.dtype))
+  k, v = heads_first(k), heads_first(v)
+  scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
+  if bias is not None:
+    scores = scores + bias
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  if dropout is not None:
+    probs = dropout(probs)
+  return heads_first(jnp.matmul(probs, v))
 
 
 def depthwise_conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Padding = 'VALID'):

@@ -1,6 +1,6 @@
 """jaxtl.ops.conv2d and Conv: forward and both gradients equal lax.conv_general_dilated's (1x1 as
 a matmul, k x k with the matmul weight gradient, both of its paths: many input channels and few),
-and Conv is nn.Conv with the same params."""
+and Conv is nn.Conv with the same params; dot_product_attention equals the einsum form."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -208,3 +208,54 @@ def test_dense_with_ops_dot_general_keeps_params_and_gradients():
   g_ours, g_ref = jax.grad(loss(ours))(variables), jax.grad(loss(theirs))(variables)
   for path in ('kernel', 'bias'):
     _assert_close(g_ours['params'][path], g_ref['params'][path], f'Dense {path} gradient')
+
+
+def _reference_attention(q, k, v, bias, mask):
+  """Attention written out per (batch, head) with numpy-style einsums, float32 throughout."""
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  probs = jax.nn.softmax(scores + (0 if bias is None else bias), axis=-1) * mask
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_dot_product_attention_matches_einsum_reference(backend, with_bias, monkeypatch):
+  """Values and all three gradients equal the einsum form, with a padding bias (BERT's), and with
+  a dropout-like function applied to the probabilities (it sees them as (batch, heads, q, k))."""
+  if backend != jax.default_backend():
+    monkeypatch.setattr(ops.jax, 'default_backend', lambda: backend)
+  rng = np.random.default_rng(7)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32) for _ in range(3))
+  bias = None
+  if with_bias:  # The last two keys of example 1 are padding.
+    bias = jnp.where(jnp.arange(5)[None, None, None, :] < jnp.array([5, 3])[:, None, None, None],
+                     0.0, jnp.finfo(jnp.float32).min)
+  mask = jnp.asarray(rng.random((2, 3, 5, 5)) > 0.2, jnp.float32) / 0.8
+  for dropout, m in ((None, 1.0), (lambda p: p * mask, mask)):
+    f = lambda q, k, v: ops.dot_product_attention(q, k, v, bias, dropout)
+    ref = lambda q, k, v: _reference_attention(q, k, v, bias, m)
+    y, vjp = jax.vjp(jax.jit(f), q, k, v)
+    ref_y, ref_vjp = jax.vjp(ref, q, k, v)
+    _assert_close(y, ref_y, 'attention')
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    for name, ours, want in zip('qkv', vjp(dy), ref_vjp(dy)):
+      _assert_close(ours, want, f'attention gradient d{name}')
+  if with_bias:  # Padding keys get no weight: changing them changes nothing.
+    v2 = v.at[1, 3:].set(100.0)
+    _assert_close(ops.dot_product_attention(q, k, v2, bias)[1],
+                  ops.dot_product_attention(q, k, v, bias)[1], 'masked keys')
+
+
+def test_dot_product_attention_mixed_precision():
+  """bf16 inputs: the softmax runs in float32 and the probabilities are cast to `dtype`."""
+  rng = np.random.default_rng(8)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.bfloat16) for _ in range(3))
+  seen = {}
+
+  def dropout(p):
+    seen['dtype'] = p.dtype
+    return p
+  y = ops.dot_product_attention(q, k, v, dropout=dropout, dtype=jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16 and seen['dtype'] == jnp.bfloat16
+  ref = _reference_attention(*(t.astype(jnp.float32) for t in (q, k, v)), None, 1.0)
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=5e-2)

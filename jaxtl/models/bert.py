@@ -54,12 +54,10 @@ class SelfAttention(nn.Module):
     q = split(dense(name='query')(x))
     k = split(dense(name='key')(x))
     v = split(dense(name='value')(x))
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q / jnp.sqrt(head_dim).astype(q.dtype), k)
-    # Softmax in fp32 even when the matmuls run in bf16.
-    probs = jax.nn.softmax(scores.astype(jnp.float32) + mask_bias, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=not train)
-    context = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(x.shape[:-1] + (hidden,))
-    return dense(name='output')(context)
+    # Softmax in fp32 even when the matmuls run in bf16; dropout on the probabilities.
+    dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=not train)
+    context = ops.dot_product_attention(q, k, v, mask_bias, dropout, self.dtype)
+    return dense(name='output')(context.reshape(x.shape[:-1] + (hidden,)))
 
 
 class EncoderLayer(nn.Module):

@@ -64,15 +64,11 @@ class SelfAttention(nn.Module):
     q = split(dense(use_bias=self.qkv_bias, name='query')(x))
     k = split(dense(use_bias=self.qkv_bias, name='key')(x))
     v = split(dense(use_bias=self.qkv_bias, name='value')(x))
-    if train and self.dropout_rate > 0:
-      # Dropout on the attention probabilities needs them materialised.
-      scores = jnp.einsum('bqhd,bkhd->bhqk', q / jnp.sqrt(head_dim).astype(q.dtype), k)
-      probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-      probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
-      context = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    else:
-      # A fused kernel where the backend has one (cuDNN flash attention for bf16 on GPU).
-      context = jax.nn.dot_product_attention(q, k, v)
+    # Dropout on the attention probabilities needs them materialised; without it, on GPU/TPU,
+    # ops.dot_product_attention calls a fused kernel where the backend has one.
+    dropout = (functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
+               if train and self.dropout_rate > 0 else None)
+    context = ops.dot_product_attention(q, k, v, dropout=dropout, dtype=self.dtype)
     return dense(name='out')(context.reshape(x.shape[:-1] + (hidden,)))
 
 
