@@ -199,6 +199,32 @@ def test_a_nonfinite_step_leaves_the_state_unchanged():
   jax.tree_util.tree_map(np.testing.assert_array_equal, new.opt_state, state.opt_state)
 
 
+
+def test_a_nonfinite_step_keeps_batchnorm_statistics():
+  """BatchNorm's running statistics (the model state a finite step updates) stay as they were."""
+  from jaxtl.models import resnet
+  module = resnet.ResNet(stage_sizes=(1,), bottleneck=False, widths=(8,), stem_width=8,
+                         num_classes=3)
+  images = np.random.default_rng(1).standard_normal((4, 16, 16, 3)).astype(np.float32)
+  variables = module.init(jax.random.key(0), images)
+  params, model_state = variables['params'], {'batch_stats': variables['batch_stats']}
+  labels = freeze.label_params(params, 'full', module)
+  tx, _ = train_lib.make_optimizer(smoke_config().optim, labels, 10)
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               model_state=model_state, opt_state=tx.init(params),
+                               rng=jax.random.PRNGKey(0))
+  step = jax.jit(lambda s, b: train_lib.train_step(s, b, module=module, tx=tx, labels=labels))
+  batch = {'images': images, 'label': np.array([0, 1, 2, 0], np.int32)}
+  good, metrics = step(state, batch)
+  assert bool(metrics['finite'])
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), good.model_state,
+                                   state.model_state)
+  assert all(jax.tree_util.tree_leaves(changed))  # A finite step moves every statistic.
+  bad, metrics = step(state, {**batch, 'images': images * np.nan})
+  assert not bool(metrics['finite'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, bad.model_state, state.model_state)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, bad.params, state.params)
+
 @pytest.mark.parametrize('accum_steps', [2, 4])
 def test_gradient_accumulation_matches_one_large_batch(accum_steps):
   module, tx, labels, state, batch = _tiny_setup(batch_size=16)
