@@ -11,7 +11,7 @@ Param names follow the Hugging Face layout so that conversion reads as a rename:
   pooler/{kernel,bias}, classifier/{kernel,bias}
 
 scan=True runs the layers as one nn.scan over the stacked params: XLA compiles one layer instead
-of num_layers, which cuts the compile of a BERT-base training step from 24 s to ~10 s on a
+of num_layers, which cuts the compile of a BERT-base training step from 24 s to 8-10 s on a
 2-core CPU (benchmarks/README.md); the loaders stack Hugging Face's per-layer tensors and export
 unstacks them.
 """
