@@ -209,8 +209,9 @@ def dot_product_attention(q, k, v, bias=None, dropout: Optional[Callable] = None
   and the same attention takes ~12 ms. Whole models, same process, alternating: BERT-base's eval
   forward 0.84x the einsum form's time, ViT-B/16's 0.91x (against jax.nn.dot_product_attention)
   and its full training step 0.91x; BERT-base's training step unchanged. The transposes are
-  cheap copies; on other backends the layout is XLA's choice anyway. Without dropout and bias, on other backends, jax.nn.dot_product_attention
-  runs instead (a fused kernel where one exists, e.g. cuDNN for bf16 on GPU)."""
+  cheap copies; on other backends the layout is XLA's choice anyway. Without dropout and bias,
+  on other backends, jax.nn.dot_product_attention runs instead (a fused kernel where one exists,
+  e.g. cuDNN for bf16 on GPU)."""
   dtype = dtype or v.dtype
   if dropout is None and bias is None and jax.default_backend() != 'cpu':
     return jax.nn.dot_product_attention(q, k, v)

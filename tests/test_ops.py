@@ -40,16 +40,15 @@ def _assert_close(ours, ref, what):
   assert err < TOL, f'{what}: relative max error {err:.2e}'
 
 
-def _assert_same_vjp(ours, reference, x, kernel, rng):
-  """ours(x, kernel) (jitted) against reference: the output, and both gradients for a random
-  output gradient."""
-  ref_y, ref_vjp = jax.vjp(reference, x, kernel)
-  y, vjp = jax.vjp(jax.jit(ours), x, kernel)
-  _assert_close(y, ref_y, 'forward')
+def _assert_same_vjp(ours, reference, args, rng, names=('input', 'kernel'), what='forward'):
+  """ours(*args) (jitted) against reference: the output, and the gradient of every argument
+  (named by `names`) for a random output gradient."""
+  ref_y, ref_vjp = jax.vjp(reference, *args)
+  y, vjp = jax.vjp(jax.jit(ours), *args)
+  _assert_close(y, ref_y, what)
   dy = jnp.asarray(rng.standard_normal(ref_y.shape), jnp.float32)
-  (dx, dk), (ref_dx, ref_dk) = vjp(dy), ref_vjp(dy)
-  _assert_close(dx, ref_dx, 'input gradient')
-  _assert_close(dk, ref_dk, 'kernel gradient')
+  for name, grad, ref_grad in zip(names, vjp(dy), ref_vjp(dy), strict=True):
+    _assert_close(grad, ref_grad, f'{name} gradient')
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
@@ -60,7 +59,7 @@ def test_conv2d_matches_lax_forward_and_gradients(case):
   kernel = jnp.asarray(rng.standard_normal((*kernel_hw, shape[-1], features))
                        / np.sqrt(np.prod(kernel_hw) * shape[-1]), jnp.float32)
   _assert_same_vjp(lambda x, k: ops.conv2d(x, k, strides, padding),
-                   lambda x, k: _reference(x, k, strides, padding), x, kernel, rng)
+                   lambda x, k: _reference(x, k, strides, padding), (x, kernel), rng)
 
 
 def test_kernel_gradient_alone_and_under_jit():
@@ -117,8 +116,8 @@ def test_depthwise_conv2d_matches_grouped_lax_conv(case):
   kernel = jnp.asarray(rng.standard_normal((*kernel_hw, 1, c)), jnp.float32)
   reference = lambda x, k: lax.conv_general_dilated(
       x, k, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-  _assert_same_vjp(lambda x, k: ops.depthwise_conv2d(x, k, strides, padding), reference, x,
-                   kernel, rng)
+  _assert_same_vjp(lambda x, k: ops.depthwise_conv2d(x, k, strides, padding), reference,
+                   (x, kernel), rng)
 
 
 def test_depthwise_conv_module_is_grouped_nn_conv():
@@ -232,14 +231,9 @@ def test_dot_product_attention_matches_einsum_reference(backend, with_bias, monk
                      0.0, jnp.finfo(jnp.float32).min)
   mask = jnp.asarray(rng.random((2, 3, 5, 5)) > 0.2, jnp.float32) / 0.8
   for dropout, m in ((None, 1.0), (lambda p: p * mask, mask)):
-    f = lambda q, k, v: ops.dot_product_attention(q, k, v, bias, dropout)
-    ref = lambda q, k, v: _reference_attention(q, k, v, bias, m)
-    y, vjp = jax.vjp(jax.jit(f), q, k, v)
-    ref_y, ref_vjp = jax.vjp(ref, q, k, v)
-    _assert_close(y, ref_y, 'attention')
-    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    for name, ours, want in zip('qkv', vjp(dy), ref_vjp(dy)):
-      _assert_close(ours, want, f'attention gradient d{name}')
+    _assert_same_vjp(lambda q, k, v: ops.dot_product_attention(q, k, v, bias, dropout),
+                     lambda q, k, v: _reference_attention(q, k, v, bias, m), (q, k, v), rng,
+                     names=('attention dq', 'attention dk', 'attention dv'), what='attention')
   if with_bias:  # Padding keys get no weight: changing them changes nothing.
     v2 = v.at[1, 3:].set(100.0)
     _assert_close(ops.dot_product_attention(q, k, v2, bias)[1],

@@ -199,7 +199,6 @@ def test_a_nonfinite_step_leaves_the_state_unchanged():
   jax.tree_util.tree_map(np.testing.assert_array_equal, new.opt_state, state.opt_state)
 
 
-
 def test_a_nonfinite_step_keeps_batchnorm_statistics():
   """BatchNorm's running statistics (the model state a finite step updates) stay as they were."""
   from jaxtl.models import resnet
@@ -224,6 +223,7 @@ def test_a_nonfinite_step_keeps_batchnorm_statistics():
   assert not bool(metrics['finite'])
   jax.tree_util.tree_map(np.testing.assert_array_equal, bad.model_state, state.model_state)
   jax.tree_util.tree_map(np.testing.assert_array_equal, bad.params, state.params)
+
 
 @pytest.mark.parametrize('accum_steps', [2, 4])
 def test_gradient_accumulation_matches_one_large_batch(accum_steps):
