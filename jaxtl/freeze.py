@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxtl import ops
 from jaxtl.errors import SchemeError
 from jaxtl.weights.strict import flatten, unflatten
 
@@ -42,7 +43,7 @@ TRAINABLE = 'trainable'
 HEAD = 'head'
 PRESETS = ('full', 'linear_probe', 'last_n_blocks:N', 'bitfit', 'norm_only', 'layer_decay:D',
            'gradual_unfreeze:K', 'lora')
-NORMS = (nn.LayerNorm, nn.BatchNorm, nn.GroupNorm, nn.RMSNorm)
+NORMS = (ops.LayerNorm, nn.LayerNorm, nn.BatchNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 def group_label(group: str, lr_mult: float = 1.0) -> str:

@@ -18,7 +18,9 @@ the input, each times its tap's per-channel weights: elementwise work that XLA f
 gradients that are elementwise too. XLA:CPU's grouped-conv kernels took ~4x as long forward and
 more in the gradients (MobileNetV2 at 96 px, batch 64: 2.6 s against 1.3 s a training step).
 
-`max_pool` is PyTorch's max pooling with a gradient that needs no index tensors,
+`max_pool` is PyTorch's max pooling with a gradient that needs no index tensors; `gelu`,
+`layer_norm`/`LayerNorm` and the attention's softmax are jax's and Flax's with backward passes
+that keep less (the input and per-row statistics, or the probabilities) and recompute the rest;
 `dot_general` a drop-in for Flax's nn.Dense (`dot_general=ops.dot_general`, as BERT's and ViT's
 encoder layers use it) whose weight gradient takes XLA:CPU's fast matmul path (on other backends
 it is the plain dot), and `dot_product_attention` BERT's and ViT's softmax attention in a layout
@@ -192,6 +194,115 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   return _dense(lhs, rhs, precision, preferred_element_type)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x, approximate: bool = False):
+  """`jax.nn.gelu` whose backward pass keeps only its input.
+
+  Autodiff of GELU stores the intermediates of its derivative for the backward pass (for the erf
+  form: the erf and exp terms besides x), each as large as the MLP's hidden activations; here
+  the derivative is recomputed from x, elementwise work that XLA fuses into the backward. With
+  the softmax below, ViT-B/16's full step (batch 8) plans 657 MB fewer temporaries and runs 5 %
+  faster (BERT-base: 303 MB, 2.5 %)."""
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+def _gelu_fwd(x, approximate):
+  return gelu(x, approximate), x
+
+
+def _gelu_bwd(approximate, x, dy):
+  return jax.vjp(functools.partial(jax.nn.gelu, approximate=approximate), x)[1](dy)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, epsilon: float, dtype=None):
+  """Layer normalisation over the last axis, `(x - mean) / sqrt(var + epsilon) * scale + bias`,
+  with statistics in float32 (two-pass variance, as PyTorch) and the result in `dtype` (default:
+  x's).
+
+  Its backward pass keeps x, the per-row mean and 1/std, and recomputes the normalised x;
+  autodiff of the same formula stored three more activation-sized tensors per norm (centred,
+  normalised and scaled x). ViT-B/16's full step (batch 8) plans 225 MB fewer temporaries and
+  compiles 2 s faster; BERT-base's 154 MB, and its step runs 6 % faster."""
+  mean, rstd = _layer_norm_stats(x, epsilon)
+  return _layer_norm_apply(x, mean, rstd, scale, bias).astype(dtype or x.dtype)
+
+
+def _layer_norm_stats(x, epsilon):
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return mean, lax.rsqrt(var + epsilon)
+
+
+def _layer_norm_apply(x, mean, rstd, scale, bias):
+  f32 = lambda t: t.astype(jnp.float32)
+  return (f32(x) - mean) * rstd * f32(scale) + f32(bias)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  residuals = (x, *_layer_norm_stats(x, epsilon), scale, bias)  # bias only for its dtype.
+  return layer_norm(x, scale, bias, epsilon, dtype), residuals
+
+
+def _layer_norm_bwd(epsilon, dtype, residuals, dy):
+  x, mean, rstd, scale, bias = residuals
+  x_hat = (x.astype(jnp.float32) - mean) * rstd
+  dy = dy.astype(jnp.float32)
+  rows = tuple(range(x.ndim - 1))
+  d_scale = jnp.sum(dy * x_hat, axis=rows).astype(scale.dtype)
+  d_bias = jnp.sum(dy, axis=rows).astype(bias.dtype)
+  d_xhat = dy * scale.astype(jnp.float32)
+  dx = rstd * (d_xhat - jnp.mean(d_xhat, axis=-1, keepdims=True)
+               - x_hat * jnp.mean(d_xhat * x_hat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), d_scale, d_bias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """nn.LayerNorm over the last axis (with scale and bias, its param names and initialisers),
+  computed by `layer_norm`. `dtype` is the output's (None: the input's, promoted with the params',
+  as nn.LayerNorm does)."""
+  epsilon: float = 1e-6
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones_init()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    scale = self.param('scale', self.scale_init, features, self.param_dtype)
+    bias = self.param('bias', self.bias_init, features, self.param_dtype)
+    dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
+    return layer_norm(x, scale, bias, self.epsilon, dtype)
+
+
+@jax.custom_vjp
+def _softmax(x):
+  """Softmax over the last axis whose backward pass needs only the probabilities (autodiff
+  also stored the unnormalised exponentials: one more (batch, heads, length, length) tensor
+  per layer)."""
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  y = _softmax(x)
+  return y, y
+
+
+def _softmax_bwd(y, dy):
+  return (y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def dot_product_attention(q, k, v, bias=None, dropout: Optional[Callable] = None, dtype=None):
   """Softmax attention, `softmax(q k^T / sqrt(d) + bias) v`, for q, k, v of shape (batch,
   length, heads, head_dim): what BERT's and ViT's self-attention compute, in a layout that runs
@@ -221,7 +332,7 @@ def dot_product_attention(q, k, v, bias=None, dropout: Optional[Callable] = None
   scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2)).astype(jnp.float32)
   if bias is not None:
     scores = scores + bias
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  probs = _softmax(scores).astype(dtype)
   if dropout is not None:
     probs = dropout(probs)
   return heads_first(jnp.matmul(probs, v))

@@ -1,8 +1,14 @@
 """jaxtl.ops.conv2d and Conv: forward and both gradients equal lax.conv_general_dilated's (1x1 as
 a matmul, k x k with the matmul weight gradient, both of its paths: many input channels and few),
-and Conv is nn.Conv with the same params; dot_product_attention equals the einsum form."""
+and Conv is nn.Conv with the same params; dot_product_attention equals the einsum form; gelu,
+layer_norm/LayerNorm and the attention's softmax equal jax's and Flax's, values and gradients, and
+their backward passes keep only what they should."""
+import contextlib
+import io
+
 import flax.linen as nn
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -253,3 +259,70 @@ def test_dot_product_attention_mixed_precision():
   assert y.dtype == jnp.bfloat16 and seen['dtype'] == jnp.bfloat16
   ref = _reference_attention(*(t.astype(jnp.float32) for t in (q, k, v)), None, 1.0)
   np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=5e-2)
+
+
+def _residual_shapes(fn, *args):
+  """Shapes of what the backward pass of fn keeps from the forward (its arguments and literals
+  excluded), from jax's own report: lines such as 'f32[4,7] output of exp from ...'."""
+  report = io.StringIO()
+  with contextlib.redirect_stdout(report):
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+  shapes = []
+  for line in report.getvalue().splitlines():
+    aval, source = line.split(' ', 1)
+    if not source.startswith(('from the argument', 'from a literal')):
+      dims = aval[aval.index('[') + 1:-1]
+      shapes.append(tuple(int(d) for d in dims.split(',') if d))
+  return sorted(shapes)
+
+
+@pytest.mark.parametrize('approximate', [False, True])
+def test_gelu_matches_jax_and_keeps_only_its_input(approximate):
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.standard_normal((4, 7, 16)) * 3, jnp.float32)
+  reference = lambda x: jax.nn.gelu(x, approximate=approximate)
+  ours = lambda x: ops.gelu(x, approximate)
+  _assert_same_vjp(ours, reference, (x,), rng, names=('gelu input',), what='gelu')
+  # jax's own GELU keeps intermediates of its derivative as large as x; ours keeps none.
+  assert _residual_shapes(reference, x), 'the reference no longer stores intermediates'
+  assert _residual_shapes(ours, x) == []
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_flax_layer_norm(dtype):
+  """Values and the gradients of input, scale and bias equal nn.LayerNorm's (float32 compute);
+  the backward keeps only per-row statistics besides its arguments."""
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.standard_normal((3, 5, 32)) * 2 + 1.5, jnp.float32)
+  variables = nn.LayerNorm(epsilon=1e-5).init(jax.random.key(0), x)
+  scale = jnp.asarray(rng.standard_normal(32), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(32), jnp.float32)
+  reference = lambda x, s, b: nn.LayerNorm(epsilon=1e-5).apply(
+      {'params': {'scale': s, 'bias': b}}, x)
+  ours = lambda x, s, b: ops.LayerNorm(epsilon=1e-5).apply({'params': {'scale': s, 'bias': b}}, x)
+  assert jax.tree.structure(ops.LayerNorm(epsilon=1e-5).init(jax.random.key(0), x)) == \
+      jax.tree.structure(variables)
+  if dtype == jnp.float32:
+    _assert_same_vjp(ours, reference, (x, scale, bias), rng,
+                     names=('layer norm input', 'scale', 'bias'), what='layer norm')
+    assert _residual_shapes(lambda x, s, b: ops.layer_norm(x, s, b, 1e-5), x, scale, bias) == \
+        [(3, 5, 1), (3, 5, 1)]
+  else:  # bf16 activations: float32 statistics, bf16 output and input gradient.
+    xb = x.astype(dtype)
+    y = ops.LayerNorm(epsilon=1e-5, dtype=dtype).apply({'params': {'scale': scale, 'bias': bias}},
+                                                       xb)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               reference(xb.astype(jnp.float32), scale, bias), atol=6e-2)
+    grad = jax.grad(lambda x: jnp.sum(ops.layer_norm(x, scale, bias, 1e-5, dtype)))(xb)
+    assert grad.dtype == dtype
+
+
+def test_attention_softmax_keeps_only_the_probabilities():
+  """Autodiff of the softmax stored its unnormalised exponentials too; the attention's backward
+  keeps q, k, v and the probabilities, one (batch, heads, q, k) tensor."""
+  rng = np.random.default_rng(11)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32) for _ in range(3))
+  shapes = _residual_shapes(lambda q, k, v: ops.dot_product_attention(q, k, v), q, k, v)
+  assert shapes.count((2, 3, 5, 5)) == 1, shapes
+

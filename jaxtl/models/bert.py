@@ -26,9 +26,9 @@ from jaxtl import ops
 from jaxtl.models.stacked import StackedBlocks
 
 ACTIVATIONS = {
-    'gelu': functools.partial(jax.nn.gelu, approximate=False),  # HF "gelu" is the exact erf form.
-    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
-    'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu': functools.partial(ops.gelu, approximate=False),  # HF "gelu" is the exact erf form.
+    'gelu_new': functools.partial(ops.gelu, approximate=True),
+    'gelu_pytorch_tanh': functools.partial(ops.gelu, approximate=True),
     'relu': jax.nn.relu,
     'silu': jax.nn.silu,
     'swish': jax.nn.silu,
@@ -74,7 +74,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x, mask_bias, train):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dropout = nn.Dropout(self.hidden_dropout, deterministic=not train)
-    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, **kw)
+    norm = functools.partial(ops.LayerNorm, epsilon=self.layer_norm_eps, **kw)
 
     y = SelfAttention(self.num_heads, self.attention_dropout, name='attention', **kw)(
         x, mask_bias, train)
@@ -149,7 +149,7 @@ class Embeddings(nn.Module):
     x = (embed(self.vocab_size, 'word_embeddings')(input_ids)
          + embed(self.max_position_embeddings, 'position_embeddings')(positions)
          + embed(self.type_vocab_size, 'token_type_embeddings')(token_type_ids))
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, name='LayerNorm', **kw)(x)
+    x = ops.LayerNorm(epsilon=self.layer_norm_eps, name='LayerNorm', **kw)(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
 

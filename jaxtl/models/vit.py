@@ -28,8 +28,8 @@ from jaxtl.errors import ConfigError
 from jaxtl.models.stacked import StackedBlocks
 
 ACTIVATIONS = {
-    'gelu': functools.partial(jax.nn.gelu, approximate=False),  # HF and timm: the exact erf form.
-    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),  # big_vision / original ViT.
+    'gelu': functools.partial(ops.gelu, approximate=False),  # HF and timm: the exact erf form.
+    'gelu_tanh': functools.partial(ops.gelu, approximate=True),  # big_vision / original ViT.
 }
 POOLINGS = ('token', 'gap')
 RESAMPLE_METHODS = ('bilinear', 'bicubic', 'nearest')
@@ -114,7 +114,7 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, drop_rate, train):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_eps, **kw)
+    norm = functools.partial(ops.LayerNorm, epsilon=self.layer_norm_eps, **kw)
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
 
     y = SelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout, name='attention',
@@ -267,7 +267,7 @@ class ViT(nn.Module):
         self.layer_norm_eps, self.dropout_rate, self.attention_dropout, self.stochastic_depth,
         self.scan, self.remat, name='encoder', **kw)(x, train)
     out['hidden_states'] = (x,) + layer_outputs
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, name='encoder_norm', **kw)(layer_outputs[-1])
+    x = ops.LayerNorm(epsilon=self.layer_norm_eps, name='encoder_norm', **kw)(layer_outputs[-1])
     out['encoded'] = x
 
     x = out['pooled'] = x[:, 0] if self.pooling == 'token' else jnp.mean(x, axis=1)
