@@ -23,7 +23,8 @@ running statistics, no dropout), as jaxtl does. Both use every core (torch.set_n
 
 Method. Every (framework, model, mode) runs in its own fresh subprocess, so each one's peak
 memory is its own: peak RSS (VmHWM) minus the RSS after importing the framework, the same method
-for both (jaxtl also reports XLA's memory plan of the compiled step). The jaxtl and the PyTorch
+for both (jaxtl also reports XLA's memory plan of the compiled step; its worker hands the heap
+the compiler freed back to the OS after compiling, as train.py does). The jaxtl and the PyTorch
 worker of a (model, mode) are started one after the other (never compiling or loading
 concurrently), warm up, and then take turns, one step each, so slow drifts in machine load hit
 both alike. Times are the median of the timed steps. Compile time is jaxtl's trace + lower +
@@ -143,7 +144,7 @@ def jaxtl_worker(model, mode, warmup, layers):
   import jax
 
   from benchmarks import accelerator as common
-  from jaxtl import models
+  from jaxtl import models, train as train_lib
 
   base_rss = rss_mb()
   scan = scanned(model, mode, layers)
@@ -159,6 +160,7 @@ def jaxtl_worker(model, mode, warmup, layers):
     state, step = common.train_setup(module, variables, SCHEMES[mode])
     del variables  # The state holds the params; no second copy.
     compiled, compile_s = common.compile_timed(step, state, batch, donate=(0,))
+    train_lib.release_freed_host_memory()  # As train.py does once the step has compiled.
     holder = [state]
     del state
 

@@ -1,5 +1,6 @@
 """The train loop on configs/smoke.py: it learns, checkpoints, and resumes exactly. (A step on a
 mesh of 8 devices equals the single-device step: tests/test_parallel.py.)"""
+import ctypes
 import json
 import shutil
 
@@ -62,3 +63,28 @@ def test_rerun_with_a_config_shorter_than_the_run(smoke_run, tmp_path):
   shutil.copytree(workdir, tmp_path / 'run')
   with pytest.raises(ConfigError, match=r"went past this config's 16 steps; use a new --workdir"):
     train_lib.train_and_evaluate(smoke_config(num_epochs=1), tmp_path / 'run')
+
+
+def _rss_mb():
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) for line in f if line.startswith('VmRSS')) / 1024
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), 'malloc_trim'), reason='needs glibc')
+def test_release_freed_host_memory_returns_the_freed_heap():
+  """200 MB of small blocks freed behind one live block (so glibc cannot shrink its heap by
+  itself, as after XLA's compiler runs) stay resident until release_freed_host_memory."""
+  libc = ctypes.CDLL(None)
+  libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+  blocks = [libc.malloc(4096) for _ in range(50_000)]
+  for block in blocks:
+    ctypes.memset(block, 1, 4096)
+  pin = libc.malloc(4096)
+  for block in blocks:
+    libc.free(block)
+  before = _rss_mb()
+  train_lib.release_freed_host_memory()
+  after = _rss_mb()
+  libc.free(pin)
+  assert before - after > 150, (before, after)
