@@ -239,8 +239,8 @@ def release_freed_host_memory():
   """Hands the heap that glibc keeps after frees back to the OS (malloc_trim). XLA's compiler
   allocates and frees hundreds of MB of small blocks; glibc would keep them mapped for the life
   of the process, so the step's buffers come on top: returning them after the step compiles
-  takes 200-380 MB off the peak resident memory of BERT-base's, ViT-B/16's and ResNet-50's full
-  fine-tune on the CPU. Nothing happens where the C library is not glibc."""
+  takes 170-380 MiB off the resident memory of BERT-base's, ViT-B/16's and ResNet-50's full
+  fine-tune on the CPU (benchmarks/README.md). Nothing happens where the C library is not glibc."""
   try:
     trim = ctypes.CDLL(None).malloc_trim
   except AttributeError:  # Not glibc (macOS, musl).
