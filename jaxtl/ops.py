@@ -227,8 +227,7 @@ def layer_norm(x, scale, bias, epsilon: float, dtype=None):
   autodiff of the same formula stored three more activation-sized tensors per norm (centred,
   normalised and scaled x). ViT-B/16's full step (batch 8) plans 215 MiB fewer temporaries and
   compiles 2 s faster; BERT-base's 147 MiB, and its step runs 6 % faster."""
-  mean, rstd = _layer_norm_stats(x, epsilon)
-  return _layer_norm_apply(x, mean, rstd, scale, bias).astype(dtype or x.dtype)
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
 def _layer_norm_stats(x, epsilon):
@@ -244,8 +243,9 @@ def _layer_norm_apply(x, mean, rstd, scale, bias):
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
-  residuals = (x, *_layer_norm_stats(x, epsilon), scale, bias)  # bias only for its dtype.
-  return layer_norm(x, scale, bias, epsilon, dtype), residuals
+  mean, rstd = _layer_norm_stats(x, epsilon)
+  y = _layer_norm_apply(x, mean, rstd, scale, bias).astype(dtype or x.dtype)
+  return y, (x, mean, rstd, scale, bias)  # bias only for its dtype.
 
 
 def _layer_norm_bwd(epsilon, dtype, residuals, dy):

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from benchmarks.run import rss_mb
 from jaxtl import train as train_lib
 from jaxtl.errors import ConfigError
 from conftest import load_config
@@ -65,11 +66,6 @@ def test_rerun_with_a_config_shorter_than_the_run(smoke_run, tmp_path):
     train_lib.train_and_evaluate(smoke_config(num_epochs=1), tmp_path / 'run')
 
 
-def _rss_mb():
-  with open('/proc/self/status') as f:
-    return next(int(line.split()[1]) for line in f if line.startswith('VmRSS')) / 1024
-
-
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), 'malloc_trim'), reason='needs glibc')
 def test_release_freed_host_memory_returns_the_freed_heap():
   """200 MB of small blocks freed behind one live block (so glibc cannot shrink its heap by
@@ -83,8 +79,8 @@ def test_release_freed_host_memory_returns_the_freed_heap():
   pin = libc.malloc(4096)
   for block in blocks:
     libc.free(block)
-  before = _rss_mb()
+  before = rss_mb()
   train_lib.release_freed_host_memory()
-  after = _rss_mb()
+  after = rss_mb()
   libc.free(pin)
   assert before - after > 150, (before, after)
