@@ -2,7 +2,8 @@
 a matmul, k x k with the matmul weight gradient, both of its paths: many input channels and few),
 and Conv is nn.Conv with the same params; dot_product_attention equals the einsum form; gelu,
 layer_norm/LayerNorm and the attention's softmax equal jax's and Flax's, values and gradients, and
-their backward passes keep only what they should."""
+their backward passes keep only what they should; random_bits equals jax.random.bits and Dropout
+nn.Dropout, bit for bit."""
 import contextlib
 import io
 
@@ -326,3 +327,60 @@ def test_attention_softmax_keeps_only_the_probabilities():
   shapes = _residual_shapes(lambda q, k, v: ops.dot_product_attention(q, k, v), q, k, v)
   assert shapes.count((2, 3, 5, 5)) == 1, shapes
 
+
+@pytest.mark.parametrize('shape', [(1,), (7,), (3, 5), (2, 3, 5, 7), (4, 12, 33, 33)])
+@pytest.mark.parametrize('make_key', [jax.random.PRNGKey, jax.random.key], ids=['raw', 'typed'])
+def test_random_bits_equal_jax_random_bits(shape, make_key):
+  for seed in (0, 12345):
+    key = make_key(seed)
+    expected = jax.random.bits(key, shape, jnp.uint32)
+    got = jax.jit(ops.random_bits, static_argnums=1)(key, shape)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_random_bits_sharded_equal_unsharded():
+  # The hash of each element's flat index splits over devices like any elementwise op.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('a', 'b'))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('a', 'b'))
+  key = jax.random.key(7)
+  sharded = jax.jit(ops.random_bits, static_argnums=1, out_shardings=sharding)(key, (8, 6))
+  assert len(sharded.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(jax.random.bits(key, (8, 6))))
+
+
+def test_random_bits_rejects_other_keys():
+  with pytest.raises(ValueError, match='threefry2x32'):
+    ops.random_bits(jax.random.key(0, impl='rbg'), (4,))
+
+
+@pytest.mark.parametrize('rate,broadcast_dims', [(0.1, ()), (0.5, ()), (0.37, (1,)), (0.9, (0, 2))])
+@pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
+def test_dropout_masks_equal_flax_dropout(rate, broadcast_dims, impl):
+  x = jax.random.normal(jax.random.key(0), (4, 33, 17))
+  rngs = {'dropout': jax.random.key(5, impl=impl)}
+  expected = nn.Dropout(rate, broadcast_dims).apply({}, x, deterministic=False, rngs=rngs)
+  got = ops.Dropout(rate, broadcast_dims).apply({}, x, deterministic=False, rngs=rngs)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  assert 0 < np.mean(np.asarray(got) == 0) < 1
+
+
+def test_dropout_edge_cases_and_gradient():
+  x = jnp.arange(1.0, 13.0).reshape(3, 4)
+  rngs = {'dropout': jax.random.PRNGKey(1)}
+  assert ops.Dropout(0.0).apply({}, x, deterministic=False, rngs=rngs) is x
+  np.testing.assert_array_equal(ops.Dropout(0.3, deterministic=True).apply({}, x), x)
+  np.testing.assert_array_equal(ops.Dropout(1.0).apply({}, x, deterministic=False, rngs=rngs), 0)
+  # The gradient is the mask over keep_prob, as Flax's.
+  grad = lambda cls: jax.grad(lambda x: cls(0.4).apply({}, x, False, rngs=rngs).sum())(x)
+  np.testing.assert_array_equal(grad(ops.Dropout), grad(nn.Dropout))
+  assert isinstance(ops.Dropout(0.1), nn.Dropout)
+
+
+@pytest.mark.parametrize('p', [0.9, 0.5, 0.63, 1e-3, 0.1])
+def test_bernoulli_threshold_matches_jax_uniform_at_the_boundary(p):
+  # The 23-bit draws on either side of p * 2**23, through jax's float path and the integer one.
+  edge = int(np.float32(p) * 2 ** 23)
+  draws = np.arange(max(edge - 3, 0), edge + 4, dtype=np.uint32)
+  bits = jnp.asarray(draws << np.uint32(9) | np.uint32(0x1ff))
+  floats = lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
+  np.testing.assert_array_equal(ops._bernoulli_from_bits(bits, p), floats < np.float32(p))

@@ -55,7 +55,7 @@ class SelfAttention(nn.Module):
     k = split(dense(name='key')(x))
     v = split(dense(name='value')(x))
     # Softmax in fp32 even when the matmuls run in bf16; dropout on the probabilities.
-    dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=not train)
+    dropout = functools.partial(ops.Dropout(self.dropout_rate), deterministic=not train)
     context = ops.dot_product_attention(q, k, v, mask_bias, dropout, self.dtype)
     return dense(name='output')(context.reshape(x.shape[:-1] + (hidden,)))
 
@@ -73,7 +73,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask_bias, train):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dropout = nn.Dropout(self.hidden_dropout, deterministic=not train)
+    dropout = ops.Dropout(self.hidden_dropout, deterministic=not train)
     norm = functools.partial(ops.LayerNorm, epsilon=self.layer_norm_eps, **kw)
 
     y = SelfAttention(self.num_heads, self.attention_dropout, name='attention', **kw)(
@@ -150,7 +150,7 @@ class Embeddings(nn.Module):
          + embed(self.max_position_embeddings, 'position_embeddings')(positions)
          + embed(self.type_vocab_size, 'token_type_embeddings')(token_type_ids))
     x = ops.LayerNorm(epsilon=self.layer_norm_eps, name='LayerNorm', **kw)(x)
-    return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    return ops.Dropout(self.dropout_rate)(x, deterministic=not train)
 
 
 class Bert(nn.Module):
@@ -222,7 +222,7 @@ class Bert(nn.Module):
     if self.num_classes is None:
       return None, out
     rate = self.hidden_dropout if self.classifier_dropout is None else self.classifier_dropout
-    pooled = nn.Dropout(rate)(pooled, deterministic=not train)
+    pooled = ops.Dropout(rate)(pooled, deterministic=not train)
     logits = nn.Dense(self.num_classes, kernel_init=_init, name='classifier', **kw)(pooled)
     return logits.astype(jnp.float32), out
 

@@ -66,7 +66,7 @@ class SelfAttention(nn.Module):
     v = split(dense(use_bias=self.qkv_bias, name='value')(x))
     # Dropout on the attention probabilities needs them materialised; without it, on GPU/TPU,
     # ops.dot_product_attention calls a fused kernel where the backend has one.
-    dropout = (functools.partial(nn.Dropout(self.dropout_rate), deterministic=False)
+    dropout = (functools.partial(ops.Dropout(self.dropout_rate), deterministic=False)
                if train and self.dropout_rate > 0 else None)
     context = ops.dot_product_attention(q, k, v, dropout=dropout, dtype=self.dtype)
     return dense(name='out')(context.reshape(x.shape[:-1] + (hidden,)))
@@ -84,7 +84,7 @@ class Mlp(nn.Module):
     kw = dict(kernel_init=_dense_init, bias_init=nn.initializers.normal(stddev=1e-6),
               dtype=self.dtype, param_dtype=self.param_dtype, dot_general=ops.dot_general)
     y = ACTIVATIONS[self.hidden_act](nn.Dense(self.mlp_dim, name='fc1', **kw)(x))
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    y = ops.Dropout(self.dropout_rate)(y, deterministic=not train)
     return nn.Dense(x.shape[-1], name='fc2', **kw)(y)
 
 
@@ -115,7 +115,7 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, drop_rate, train):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(ops.LayerNorm, epsilon=self.layer_norm_eps, **kw)
-    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    dropout = ops.Dropout(self.dropout_rate, deterministic=not train)
 
     y = SelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout, name='attention',
                       **kw)(norm(name='norm1')(x), train)
@@ -260,7 +260,7 @@ class ViT(nn.Module):
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, x.shape[1], d),
                      self.param_dtype)
     x = x + pos.astype(x.dtype)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = ops.Dropout(self.dropout_rate)(x, deterministic=not train)
 
     layer_outputs = Encoder(
         self.num_layers, self.num_heads, self.mlp_dim, self.hidden_act, self.qkv_bias,
