@@ -35,7 +35,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   from jaxtl import parallel
   from jaxtl.errors import JaxtlError
-  from jaxtl.train import train_and_evaluate
+  from jaxtl.train import configure_host_malloc, train_and_evaluate
+  configure_host_malloc()  # Before jax starts its runtime threads.
   try:
     config = _CONFIG.value
     config.keys()  # A config file that fails to load raises on first use.
