@@ -156,6 +156,7 @@ def jaxtl_worker(model, mode, warmup, layers):
   variables = common.init_variables(module)
   if mode == 'eval':
     compiled, compile_s = common.compile_timed(common.forward_fn(module), variables, batch)
+    train_lib.release_freed_host_memory()  # As train.py's evaluation does once compiled.
     run = lambda: compiled(variables, batch)
   else:
     state, step = common.train_setup(module, variables, SCHEMES[mode])

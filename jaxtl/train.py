@@ -306,6 +306,8 @@ def evaluate(p_eval_step, state, data, batch_size, mesh):
   for batch in data_lib.batches(data.test, batch_size):
     batch = _prepare(data, batch, train=False)
     out = p_eval_step(state, parallel.shard_batch(batch, mesh))
+    if totals is None:
+      release_freed_host_memory()  # The first batch may have compiled the eval step.
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {'loss': float(totals['loss'] / totals['count']),
