@@ -357,10 +357,13 @@ def _threefry2x32(k0, k1, x0, x1):
   return x0, x1
 
 
-def _is_threefry(key) -> bool:
+def _is_partitionable_threefry(key) -> bool:
+  """Whether jax.random.bits(key) is what random_bits computes."""
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return str(jax.random.key_impl(key)) == 'threefry2x32'
-  return key.shape == (2,) and jax.config.jax_default_prng_impl == 'threefry2x32'
+    threefry = str(jax.random.key_impl(key)) == 'threefry2x32'
+  else:
+    threefry = key.shape == (2,) and jax.config.jax_default_prng_impl == 'threefry2x32'
+  return threefry and jax.config.jax_threefry_partitionable
 
 
 def random_bits(key, shape: Sequence[int]):
@@ -372,13 +375,12 @@ def random_bits(key, shape: Sequence[int]):
   mask elements at batch 8. Unrolled and fused: ~3 ns (the step 0.935x its time).
   Each element hashes its own flat index, as jax does with `jax_threefry_partitionable` (its
   default), so the SPMD partitioner splits it like any elementwise op."""
-  if not _is_threefry(key) or not jax.config.jax_threefry_partitionable:
+  if not _is_partitionable_threefry(key):
     raise ValueError('ops.random_bits reproduces threefry2x32 with jax_threefry_partitionable; '
                      f'got a {key.dtype} key of shape {key.shape}')
   if math.prod(shape) >= 2 ** 32:
     raise ValueError(f'ops.random_bits: {shape} has 2**32 elements or more')
-  data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) \
-      else key
+  data = jax.random.key_data(key)  # A raw uint32 key is its own data.
   strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
   index = sum((lax.broadcasted_iota(jnp.uint32, tuple(shape), axis) * np.uint32(stride)
                for axis, stride in enumerate(strides)), jnp.zeros(shape, jnp.uint32))
@@ -410,7 +412,7 @@ class Dropout(nn.Dropout):
     keep_prob = 1.0 - self.rate
     rng = self.make_rng(self.rng_collection) if rng is None else rng
     shape = tuple(1 if axis in self.broadcast_dims else n for axis, n in enumerate(inputs.shape))
-    if _is_threefry(rng) and jax.config.jax_threefry_partitionable:
+    if _is_partitionable_threefry(rng):
       mask = _bernoulli_from_bits(random_bits(rng, shape), keep_prob)
     else:
       mask = jax.random.bernoulli(rng, keep_prob, shape)

@@ -259,9 +259,8 @@ def configure_host_malloc() -> bool:
   elif (importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu')
         or list(importlib.metadata.entry_points(group='jax_plugins'))):
     return False  # jax would pick an accelerator if one is present.
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except AttributeError:  # Not glibc (macOS, musl).
+  mallopt = _glibc_function('mallopt')
+  if mallopt is None:
     return False
   mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h>
@@ -276,12 +275,15 @@ def release_freed_host_memory():
   of the process, so the step's buffers come on top: returning them after the step compiles
   takes 170-380 MiB off the resident memory of BERT-base's, ViT-B/16's and ResNet-50's full
   fine-tune on the CPU (benchmarks/README.md). Nothing happens where the C library is not glibc."""
-  try:
-    trim = ctypes.CDLL(None).malloc_trim
-  except AttributeError:  # Not glibc (macOS, musl).
-    return
-  trim.argtypes = [ctypes.c_size_t]
-  trim(0)
+  trim = _glibc_function('malloc_trim')
+  if trim is not None:
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
+def _glibc_function(name):
+  """The C library's function `name`, or None where it has none (not glibc: macOS, musl)."""
+  return getattr(ctypes.CDLL(None), name, None)
 
 
 def eval_step(state, batch, *, module):
