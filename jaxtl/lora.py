@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtl import ops
 from jaxtl.errors import ConfigError
 from jaxtl.weights.strict import flatten, unflatten
 
@@ -68,8 +69,11 @@ def add_adapters(module, variables, *, rank=8, alpha=16.0, dropout=0.0, targets=
   if rank < 1:
     raise ConfigError(f'config.model.lora.rank must be >= 1, not {rank}')
   wrapped = LoRA(module, rank=rank, alpha=alpha, dropout=dropout, targets=targets)
-  init = jax.jit(lambda: wrapped.init(jax.random.key(seed), *module.example_inputs()))()
-  adapters = {p: v for p, v in flatten(init).items() if p.endswith(('/lora_a', '/lora_b'))}
+
+  def init_adapters():  # Only the adapters are outputs: XLA drops the base model's init.
+    variables = wrapped.init(ops.fused_key(seed), *module.example_inputs())
+    return {p: v for p, v in flatten(variables).items() if p.endswith(('/lora_a', '/lora_b'))}
+  adapters = jax.jit(init_adapters)()
   if not adapters:
     raise ConfigError(f'LoRA targets {targets!r} match no nn.Dense layer of the model')
   return wrapped, unflatten({**flatten(variables), **adapters})

@@ -353,6 +353,45 @@ def test_random_bits_rejects_other_keys():
     ops.random_bits(jax.random.key(0, impl='rbg'), (4,))
 
 
+_SAMPLERS = {
+    'bits32': lambda k: jax.random.bits(k, (5, 7)),
+    'bits16': lambda k: jax.random.bits(k, (9,), jnp.uint16),  # Not 32-bit: jax's own path.
+    'bits8': lambda k: jax.random.bits(k, (11,), jnp.uint8),
+    'normal': lambda k: jax.random.normal(k, (4, 33, 17)),
+    'truncated_normal': lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (300,)),
+    'uniform': lambda k: jax.random.uniform(k, (2, 3), minval=-1.0, maxval=3.0),
+    'bernoulli': lambda k: jax.random.bernoulli(k, 0.3, (64,)),
+    'split': lambda k: jax.random.normal(jax.random.split(k, 3)[2], (6,)),
+    'fold_in': lambda k: jax.random.normal(jax.random.fold_in(k, 11), (6,)),
+}
+
+
+@pytest.mark.parametrize('sampler', sorted(_SAMPLERS))
+def test_fused_key_draws_equal_jax_random_key(sampler):
+  for seed in (0, 2024):
+    expected = jax.jit(_SAMPLERS[sampler])(jax.random.key(seed))
+    got = jax.jit(_SAMPLERS[sampler])(ops.fused_key(seed))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  assert ops._is_partitionable_threefry(ops.fused_key(0))
+  np.testing.assert_array_equal(ops.random_bits(ops.fused_key(3), (10,)),
+                                jax.random.bits(jax.random.key(3), (10,)))
+
+
+def test_fused_key_inits_a_model_as_jax_random_key_without_the_temporaries():
+  """The same params, bit for bit; XLA's plan for the init holds no threefry state the size of
+  the largest param (here a 2**21-element embedding, 8 MiB)."""
+  from jaxtl.models.bert import Bert
+  module = Bert(vocab_size=2 ** 13, hidden_size=256, num_layers=2, num_heads=4,
+                intermediate_size=512, max_position_embeddings=64, num_classes=3)
+  inputs = (jnp.ones((1, 8), jnp.int32),)
+  init = lambda key: jax.jit(lambda: module.init(key, *inputs)).lower().compile()
+  expected, got = init(jax.random.key(4))(), init(ops.fused_key(4))()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+  embedding = 2 ** 13 * 256 * 4
+  assert init(jax.random.key(4)).memory_analysis().temp_size_in_bytes >= embedding
+  assert init(ops.fused_key(4)).memory_analysis().temp_size_in_bytes < embedding / 8
+
+
 @pytest.mark.parametrize('rate,broadcast_dims', [(0.1, ()), (0.5, ()), (0.37, (1,)), (0.9, (0, 2))])
 @pytest.mark.parametrize('impl', ['threefry2x32', 'rbg'])
 def test_dropout_masks_equal_flax_dropout(rate, broadcast_dims, impl):
