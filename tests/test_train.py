@@ -126,3 +126,26 @@ def test_release_freed_host_memory_returns_the_freed_heap():
   after = rss_mb()
   libc.free(pin)
   assert before - after > 150, (before, after)
+
+
+@pytest.mark.parametrize('scale', [0.01, 30.0], ids=['below_max_norm', 'above_max_norm'])
+def test_clip_by_global_norm_matches_pytorch_clip_grad_norm(scale):
+  import torch
+  rng = np.random.default_rng(3)
+  grads = {'dense': {'kernel': rng.standard_normal((6, 4)), 'bias': rng.standard_normal(4)},
+           'scale': rng.standard_normal((3, 2, 5))}
+  grads = jax.tree_util.tree_map(lambda g: (g * scale).astype(np.float32), grads)
+  tx = train_lib.clip_by_global_norm(1.0)
+  clipped, _ = jax.jit(tx.update)(grads, tx.init(grads))
+
+  leaves = jax.tree_util.tree_leaves(grads)
+  tensors = [torch.nn.Parameter(torch.zeros(g.shape)) for g in leaves]
+  for tensor, g in zip(tensors, leaves):
+    tensor.grad = torch.from_numpy(g.copy())
+  torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+  for got, tensor in zip(jax.tree_util.tree_leaves(clipped), tensors):
+    np.testing.assert_allclose(np.asarray(got), tensor.grad.numpy(), rtol=1e-6, atol=1e-7)
+  norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in leaves)))
+  clipped_norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g)))
+                                   for g in jax.tree_util.tree_leaves(clipped))))
+  np.testing.assert_allclose(clipped_norm, min(norm, 1.0), rtol=1e-5)
