@@ -363,6 +363,7 @@ _SAMPLERS = {
     'bernoulli': lambda k: jax.random.bernoulli(k, 0.3, (64,)),
     'split': lambda k: jax.random.normal(jax.random.split(k, 3)[2], (6,)),
     'fold_in': lambda k: jax.random.normal(jax.random.fold_in(k, 11), (6,)),
+    'vmap': lambda k: jax.vmap(lambda k: jax.random.normal(k, (2, 5)))(jax.random.split(k, 4)),
 }
 
 
