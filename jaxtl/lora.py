@@ -71,8 +71,8 @@ def add_adapters(module, variables, *, rank=8, alpha=16.0, dropout=0.0, targets=
   wrapped = LoRA(module, rank=rank, alpha=alpha, dropout=dropout, targets=targets)
 
   def init_adapters():  # Only the adapters are outputs: XLA drops the base model's init.
-    variables = wrapped.init(ops.fused_key(seed), *module.example_inputs())
-    return {p: v for p, v in flatten(variables).items() if p.endswith(('/lora_a', '/lora_b'))}
+    initialised = wrapped.init(ops.fused_key(seed), *module.example_inputs())
+    return {p: v for p, v in flatten(initialised).items() if p.endswith(('/lora_a', '/lora_b'))}
   adapters = jax.jit(init_adapters)()
   if not adapters:
     raise ConfigError(f'LoRA targets {targets!r} match no nn.Dense layer of the model')
