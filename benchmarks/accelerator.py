@@ -34,7 +34,7 @@ except ImportError:
   sys.modules['ml_collections'] = _stub
   print('note: ml_collections is not installed; using a stand-in for jaxtl.train\'s import')
 
-from jaxtl import freeze, models, ops  # noqa: E402
+from jaxtl import freeze, models  # noqa: E402
 from jaxtl import train as train_lib  # noqa: E402
 
 # Dense (no sparsity) bf16 peak per device, from the vendors' datasheets, matched by substring of
@@ -87,7 +87,7 @@ def init_variables(module):
   """Random variables, initialised on the host CPU (XLA:GPU took minutes to compile BERT-base's
   init) and placed on the default device."""
   with jax.default_device(jax.devices('cpu')[0]):
-    variables = jax.jit(lambda: module.init(ops.fused_key(0), *module.example_inputs()))()
+    variables = models.init(module)
   return jax.device_put(dict(variables), jax.devices()[0])
 
 

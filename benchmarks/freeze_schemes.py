@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtl import freeze, lora, models, ops
+from jaxtl import freeze, lora, models
 from jaxtl import train as train_lib
 
 SCHEMES = ('linear_probe', 'last_n_blocks:2', 'bitfit', 'norm_only', 'lora', 'layer_decay:0.75',
@@ -48,7 +48,7 @@ def _flops(fn, *args):
 
 
 def bench_model(name, module, batch, repeats, schemes=SCHEMES):
-  variables = jax.jit(lambda: module.init(ops.fused_key(0), *module.example_inputs()))()
+  variables = models.init(module)
   inputs = {k: v for k, v in batch.items() if k != 'label'}
   forward = lambda v, b: module.apply(v, **b, train=False)[0]
   jit_forward = jax.jit(forward)

@@ -417,7 +417,7 @@ def fused_key(seed):
   sampler built on jax.random.bits: normal, truncated_normal, uniform, bernoulli...), with its
   float32 draws computed as `random_bits`' fused expression instead of jax's threefry loop.
 
-  For initialising a model (`module.init(ops.fused_key(seed), ...)`, as train.py does): the loop
+  For initialising a model (`module.init(ops.fused_key(seed), ...)`, as models.init does): the loop
   keeps its hash state in memory, so a large param's init needs temporaries a few times its size.
   XLA's plan for BERT-base's init: 289 MiB of temporaries (704 MiB with the layers unrolled)
   against 20 (0) this way, 2-3x faster; ResNet-50's 152 MiB against 0, and it compiles in 8 s,

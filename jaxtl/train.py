@@ -22,7 +22,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from jaxtl import (checkpoint, data as data_lib, feature_cache, freeze, lora, metrics, models,
-                   ops, parallel, plots, run, weights)
+                   parallel, plots, run, weights)
 from jaxtl.data import images as image_data, text as text_data
 from jaxtl.errors import ConfigError, JaxtlError
 
@@ -49,9 +49,7 @@ def create_model(config, num_classes):
         dont_load=tuple(mc.get('dont_load') or ()), overrides=overrides)
   elif mc.get('name'):
     module = models.create(mc.name, num_classes=num_classes, **overrides)
-    # ops.fused_key: jax.random.key's values, drawn without the threefry loop's temporaries.
-    variables = flax.core.unfreeze(jax.jit(module.init)(ops.fused_key(config.seed),
-                                                        *module.example_inputs()))
+    variables = flax.core.unfreeze(models.init(module, config.seed))
   else:
     raise ConfigError('config.model needs `source` (pretrained weights) or `name` (a registry '
                       f'model: {", ".join(sorted(models.REGISTRY))})')
