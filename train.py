@@ -35,8 +35,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   from jaxtl import parallel
   from jaxtl.errors import JaxtlError
-  from jaxtl.train import configure_host_malloc, train_and_evaluate
-  configure_host_malloc()  # Before jax starts its runtime threads.
+  from jaxtl.train import exec_with_host_malloc, train_and_evaluate
+  exec_with_host_malloc()  # On the CPU alone: restarts once, with malloc set up for XLA's steps.
   try:
     config = _CONFIG.value
     config.keys()  # A config file that fails to load raises on first use.

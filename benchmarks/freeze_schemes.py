@@ -101,7 +101,7 @@ def main():
   parser.add_argument('--out', default=None, help='JSON path (default benchmarks/results/'
                       'freeze_schemes-<date>.json)')
   args = parser.parse_args()
-  train_lib.configure_host_malloc()  # As train.py does, before jax starts.
+  train_lib.exec_with_host_malloc()  # As train.py does.
   models_, schemes = args.models.split(','), args.schemes.split(',')
   rng = np.random.default_rng(0)
   batch_size, seq, size = (8, 128, 224) if not args.quick else (4, 64, 96)

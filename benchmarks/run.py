@@ -146,7 +146,7 @@ def jaxtl_worker(model, mode, warmup, layers):
   from benchmarks import accelerator as common
   from jaxtl import models, train as train_lib
 
-  train_lib.configure_host_malloc()  # As train.py does, before jax starts.
+  train_lib.exec_with_host_malloc()  # As train.py does.
   base_rss = rss_mb()
   scan = scanned(model, mode, layers)
   module = models.create(JAXTL_NAMES[model], num_classes=NUM_CLASSES[model],

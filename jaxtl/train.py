@@ -6,7 +6,9 @@ import importlib.util
 import json
 import os
 import pathlib
+import platform
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -251,36 +253,57 @@ def train_step(state, batch, *, module, tx, labels, frozen_bns=frozenset(), accu
                      'grad_norm': grad_norm, 'finite': finite}
 
 
-def configure_host_malloc() -> bool:
-  """Makes glibc's malloc keep the memory a step frees for the next step, where jax runs on the
-  CPU alone. Call it before jax starts its runtime (the first computation or device query): it
-  holds only for threads that have not allocated yet. Returns whether it applied.
+# glibc's malloc for a process where XLA:CPU runs the steps (host_malloc_environment says why).
+HOST_MALLOC_TUNABLES = {'glibc.malloc.arena_max': '1', 'glibc.malloc.mmap_max': '0',
+                        'glibc.malloc.trim_threshold': str(2**64 - 1),
+                        'glibc.malloc.tcache_count': '0'}
 
-  Why: XLA:CPU allocates a step's temporaries as one block when the step runs and frees it at
-  the end (1.4-1.6 GiB for the full fine-tune of ResNet-50 or ViT-B/16 at batch 8). glibc serves a
+
+def host_malloc_environment(environ=None):
+  """`environ` (default os.environ) with HOST_MALLOC_TUNABLES added to GLIBC_TUNABLES (settings
+  already there win), so that glibc's malloc keeps the memory a step frees for the next step;
+  None where jax may use an accelerator or the C library is not glibc.
+
+  Why: XLA:CPU allocates a step's temporaries as one block when the step runs and frees it at the
+  end (1.4-1.6 GiB for the full fine-tune of ResNet-50 or ViT-B/16 at batch 8). glibc serves a
   block that large with mmap and returns it with munmap, so every step page-faults all of it in
   again, zero-filled: ~380,000 faults and ~1.3 CPU-seconds of a ResNet-50 step on 2 cores. With
-  one malloc arena (a worker thread's own arena could only mmap a block that large), no mmap
-  and no automatic trimming, the block stays in the heap and the next step reuses it: ResNet-50's
-  full step ~0.8x its time (benchmarks/README.md). The cost: the process keeps its peak heap
-  until it exits (release_freed_host_memory still trims explicitly), and one arena serialises
-  malloc across threads, which is why an accelerator host, whose input pipeline allocates from
-  many threads and whose step temporaries live on the device, is left alone. Nothing happens
-  where the C library is not glibc."""
+  one arena (a worker thread's own arena could only mmap a block that large), no mmap and no
+  automatic trimming, the block stays in the heap for the next step: ResNet-50's full step ~0.8x
+  its time (benchmarks/README.md). And with no per-thread cache of small freed chunks: XLA asks
+  for the block 64-byte aligned, and glibc frees the few bytes it cuts off either end of an
+  aligned block into that cache, whose chunks never merge with their neighbours; the freed block,
+  walled in by them, is then those bytes too small for the next step's request, and the heap
+  grew by a whole block at random steps (ResNet-50's full step: +1.4 GiB at its 7th step). The
+  cost: the process keeps its peak heap until it exits (release_freed_host_memory trims
+  explicitly), and one arena serialises malloc across threads, which is why an accelerator host,
+  whose input pipeline allocates from many threads and whose step temporaries live on the device,
+  is left alone. glibc reads these settings only when a process starts: exec_with_host_malloc."""
+  environ = dict(os.environ if environ is None else environ)
   if jax.config.jax_platforms:
     if jax.config.jax_platforms != 'cpu':
-      return False
+      return None
   elif (importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu')
         or list(importlib.metadata.entry_points(group='jax_plugins'))):
-    return False  # jax would pick an accelerator if one is present.
-  mallopt = _glibc_function('mallopt')
-  if mallopt is None:
-    return False
-  mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h>
-  # A trim threshold of -1 is SIZE_MAX once glibc widens it: never trim on free.
-  return all(mallopt(option, value) == 1 for option, value in
-             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
+    return None  # jax would pick an accelerator if one is present.
+  if platform.libc_ver()[0] != 'glibc':
+    return None
+  given = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
+  names = {t.split('=')[0] for t in given}
+  ours = [f'{name}={value}' for name, value in HOST_MALLOC_TUNABLES.items() if name not in names]
+  environ['GLIBC_TUNABLES'] = ':'.join(given + ours)
+  return environ
+
+
+def exec_with_host_malloc():
+  """Restarts this Python process under host_malloc_environment() (os.execve: the same process
+  id, interpreter and command line), unless it runs under it already or it does not apply. Call
+  it first thing in a script: what the process did before is lost."""
+  environ = host_malloc_environment()
+  if environ is not None and environ['GLIBC_TUNABLES'] != os.environ.get('GLIBC_TUNABLES'):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], environ)
 
 
 def release_freed_host_memory():

@@ -3,6 +3,7 @@ mesh of 8 devices equals the single-device step: tests/test_parallel.py.)"""
 import ctypes
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -70,9 +71,7 @@ def test_rerun_with_a_config_shorter_than_the_run(smoke_run, tmp_path):
 
 
 _FAULTS_OF_A_SECOND_RUN = """
-import resource, sys
-from jaxtl import train
-applied = train.configure_host_malloc() if sys.argv[1] == 'configured' else False
+import resource
 import jax, jax.numpy as jnp
 # ~200 MB of temporaries (sin, cos and their product) that XLA frees when each run ends.
 f = jax.jit(lambda x: (jnp.sin(x) @ jnp.cos(x)).sum())
@@ -80,30 +79,90 @@ x = jnp.ones((4096, 4096))
 f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 f(x).block_until_ready()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='needs glibc')
+
+
+@needs_glibc
+def test_host_malloc_lets_a_step_reuse_the_last_steps_temporaries():
+  """A fresh process: with plain malloc the second run of a jitted function faults its ~200 MB of
+  temporaries in again (one fault a 4 KiB page); under host_malloc_environment, it reuses them."""
+  plain = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  plain.update(JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  faults = {}
+  for variant, env in (('plain', plain), ('host', train_lib.host_malloc_environment(plain))):
+    out = subprocess.run([sys.executable, '-c', _FAULTS_OF_A_SECOND_RUN], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    faults[variant] = int(out[-1])
+  assert faults['plain'] > 30_000, faults
+  assert faults['host'] < faults['plain'] / 10, faults
+
+
+_ALIGNED_BLOCKS = """
+import ctypes
+libc = ctypes.CDLL(None)
+libc.free.argtypes = [ctypes.c_void_p]
+addresses = []
+for _ in range(4):  # As XLA:CPU allocates and frees a step's temporaries.
+  block = ctypes.c_void_p()
+  assert libc.posix_memalign(ctypes.byref(block), 64, 100 << 20) == 0
+  addresses.append(block.value)
+  libc.free(block)
+print(len(set(addresses)))
 """
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), 'mallopt'), reason='needs glibc')
-def test_configure_host_malloc_lets_a_step_reuse_the_last_steps_temporaries():
-  """A fresh process: without configure_host_malloc the second run of a jitted function faults
-  its ~200 MB of temporaries in again (one fault a 4 KiB page); with it, it reuses them."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  faults = {}
-  for variant in ('plain', 'configured'):
-    out = subprocess.run([sys.executable, '-c', _FAULTS_OF_A_SECOND_RUN, variant], env=env,
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    faults[variant] = int(out[-1])
-    assert out[-2] == str(variant == 'configured')
-  assert faults['plain'] > 30_000, faults
-  assert faults['configured'] < faults['plain'] / 10, faults
+@needs_glibc
+def test_host_malloc_reuses_a_freed_aligned_block():
+  """XLA:CPU allocates a step's temporaries 64-byte aligned. With one arena, no mmap and no trim
+  but glibc's per-thread cache on, the slivers an aligned allocation cuts off wall the freed block
+  in, and each request lands elsewhere (the heap grows a block a step); with the cache off, as
+  HOST_MALLOC_TUNABLES has it, every request gets the same block back."""
+  env = train_lib.host_malloc_environment(
+      {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'})
+  with_cache = dict(env, GLIBC_TUNABLES=env['GLIBC_TUNABLES'].replace(
+      'glibc.malloc.tcache_count=0', 'glibc.malloc.tcache_count=7'))
+  distinct = {}
+  for variant, environ in (('tcache', with_cache), ('host', env)):
+    out = subprocess.run([sys.executable, '-c', _ALIGNED_BLOCKS], env=environ, capture_output=True,
+                         text=True, check=True).stdout
+    distinct[variant] = int(out)
+  assert distinct == {'tcache': 4, 'host': 1}, distinct
 
 
-def test_configure_host_malloc_leaves_accelerator_platforms_alone():
+_EXEC = """
+import os, sys
+with open(os.environ['STARTS'], 'a') as f:
+  f.write('started\\n')
+from jaxtl import train
+train.exec_with_host_malloc()
+print(os.getpid(), os.environ['GLIBC_TUNABLES'], sys.argv[1:], sep='\\n')
+"""
+
+
+@needs_glibc
+def test_exec_with_host_malloc_restarts_the_process_once_keeping_given_tunables(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', GLIBC_TUNABLES='glibc.malloc.tcache_count=3',
+             STARTS=str(tmp_path / 'starts'))
+  proc = subprocess.Popen([sys.executable, '-c', _EXEC, 'a b', '--c'], env=env, cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  out, err = proc.communicate()
+  assert proc.returncode == 0, err
+  pid, tunables, args = out.splitlines()
+  assert int(pid) == proc.pid  # Restarted in place (execve), not as a child.
+  assert args == repr(['a b', '--c'])
+  settings = dict(t.split('=') for t in tunables.split(':'))
+  assert settings == {**train_lib.HOST_MALLOC_TUNABLES, 'glibc.malloc.tcache_count': '3'}
+  assert (tmp_path / 'starts').read_text() == 'started\n' * 2
+
+
+def test_host_malloc_leaves_accelerator_platforms_alone():
   platforms = jax.config.jax_platforms
   jax.config.update('jax_platforms', 'cuda')
   try:
-    assert train_lib.configure_host_malloc() is False
+    assert train_lib.host_malloc_environment() is None
   finally:
     jax.config.update('jax_platforms', platforms)
 
