@@ -146,7 +146,6 @@ def jaxtl_worker(model, mode, warmup, layers):
   from benchmarks import accelerator as common
   from jaxtl import models, train as train_lib
 
-  train_lib.exec_with_host_malloc()  # As train.py does.
   base_rss = rss_mb()
   scan = scanned(model, mode, layers)
   module = models.create(JAXTL_NAMES[model], num_classes=NUM_CLASSES[model],
@@ -262,10 +261,13 @@ def torch_worker(model, mode, warmup, layers=None):
 def worker_main(spec, warmup):
   """`--worker framework:model:mode:layers`: build, warm up, say ready, then time one step per
   'step' line on stdin until 'stop', and report peak memory."""
+  framework, model, mode, layers = spec.split(':')
+  if framework == 'jaxtl':
+    from jaxtl import train as train_lib
+    train_lib.exec_with_host_malloc()  # As train.py does; before the next line's descriptor.
   protocol = os.fdopen(os.dup(1), 'w')
   os.dup2(2, 1)  # Anything else that prints (libraries, XLA) goes to stderr, not the protocol.
   say = lambda obj: (protocol.write(json.dumps(obj) + '\n'), protocol.flush())
-  framework, model, mode, layers = spec.split(':')
   info_cpus = sorted(os.sched_getaffinity(0))
   run, info = (jaxtl_worker if framework == 'jaxtl' else torch_worker)(model, mode, warmup, layers)
   for _ in range(warmup):
