@@ -171,7 +171,8 @@ def jaxtl_worker(model, mode, warmup, layers):
   timed = lambda: jax.block_until_ready(run())
   flops = unrolled_flops(module, mode, batch) if scan else common.cost(compiled)
   return timed, dict(base_rss_mb=base_rss, compile_s=compile_s, flops=flops,
-                     xla_memory=common.memory(compiled), scan=scan)
+                     xla_memory=common.memory(compiled), scan=scan,
+                     glibc_tunables=os.environ.get('GLIBC_TUNABLES'))
 
 
 def torch_model(model):

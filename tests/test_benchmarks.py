@@ -1,0 +1,26 @@
+"""The benchmark's worker protocol (benchmarks/run.py), end to end in a real worker process."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+from jaxtl import train as train_lib
+
+
+def test_jaxtl_worker_restarts_under_host_malloc_and_speaks_its_protocol():
+  """One jaxtl worker (ResNet-50's eval forward): it restarts itself under the host malloc
+  settings as train.py does, then says ready, times one step and reports its peak memory on
+  the protocol descriptor, which must survive that restart."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  env.pop('GLIBC_TUNABLES', None)
+  out = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.run', '--worker', 'jaxtl:resnet:eval:unrolled',
+       '--warmup', '0'], input='step\nstop\n', env=env, cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  ready, step, final = [json.loads(line) for line in out.stdout.splitlines()]
+  assert ready['ready'] is True and ready['flops'] > 1e10
+  assert ready['glibc_tunables'] == train_lib.host_malloc_environment(env)['GLIBC_TUNABLES']
+  assert step['step_s'] > 0 and step['cpu_s'] > 0
+  assert final['peak_rss_mb'] > final['peak_delta_mb'] > 98  # ResNet-50's params alone: 98 MiB.
