@@ -298,7 +298,8 @@ def host_malloc_environment(environ=None):
 def exec_with_host_malloc():
   """Restarts this Python process under host_malloc_environment() (os.execve: the same process
   id, interpreter and command line), unless it runs under it already or it does not apply. Call
-  it first thing in a script: what the process did before is lost."""
+  it first thing in a script: what the process did before is lost, and so are the descriptors it
+  opened (Python opens them close-on-exec)."""
   environ = host_malloc_environment()
   if environ is not None and environ['GLIBC_TUNABLES'] != os.environ.get('GLIBC_TUNABLES'):
     sys.stdout.flush()
