@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import signal
 import sys
 import threading
@@ -286,7 +285,7 @@ def host_malloc_environment(environ=None):
   elif (importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu')
         or list(importlib.metadata.entry_points(group='jax_plugins'))):
     return None  # jax would pick an accelerator if one is present.
-  if platform.libc_ver()[0] != 'glibc':
+  if _glibc_function('gnu_get_libc_version') is None:
     return None
   given = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
   names = {t.split('=')[0] for t in given}

@@ -3,7 +3,6 @@ mesh of 8 devices equals the single-device step: tests/test_parallel.py.)"""
 import ctypes
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -82,7 +81,8 @@ f(x).block_until_ready()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
-needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='needs glibc')
+needs_glibc = pytest.mark.skipif(train_lib._glibc_function('gnu_get_libc_version') is None,
+                                 reason='needs glibc')
 
 
 @needs_glibc
@@ -167,7 +167,7 @@ def test_host_malloc_leaves_accelerator_platforms_alone():
     jax.config.update('jax_platforms', platforms)
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), 'malloc_trim'), reason='needs glibc')
+@needs_glibc
 def test_release_freed_host_memory_returns_the_freed_heap():
   """200 MB of small blocks freed behind one live block (so glibc cannot shrink its heap by
   itself, as after XLA's compiler runs) stay resident until release_freed_host_memory."""
