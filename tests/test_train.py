@@ -118,8 +118,10 @@ print(len(set(addresses)))
 def test_host_malloc_reuses_a_freed_aligned_block():
   """XLA:CPU allocates a step's temporaries 64-byte aligned. With one arena, no mmap and no trim
   but glibc's per-thread cache on, the slivers an aligned allocation cuts off wall the freed block
-  in, and each request lands elsewhere (the heap grows a block a step); with the cache off, as
-  HOST_MALLOC_TUNABLES has it, every request gets the same block back."""
+  in and requests land elsewhere (the heap grows); with the cache off, as HOST_MALLOC_TUNABLES has
+  it, every request gets the same block back. How many of the cached run's 4 requests move depends
+  on where the interpreter's own allocations left the heap's top (3 or 4 seen), so that side only
+  asserts that the block moved."""
   env = train_lib.host_malloc_environment(
       {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'})
   with_cache = dict(env, GLIBC_TUNABLES=env['GLIBC_TUNABLES'].replace(
@@ -129,7 +131,7 @@ def test_host_malloc_reuses_a_freed_aligned_block():
     out = subprocess.run([sys.executable, '-c', _ALIGNED_BLOCKS], env=environ, capture_output=True,
                          text=True, check=True).stdout
     distinct[variant] = int(out)
-  assert distinct == {'tcache': 4, 'host': 1}, distinct
+  assert distinct['host'] == 1 and distinct['tcache'] > 1, distinct
 
 
 _EXEC = """
