@@ -296,14 +296,23 @@ def host_malloc_environment(environ=None):
 
 def exec_with_host_malloc():
   """Restarts this Python process under host_malloc_environment() (os.execve: the same process
-  id, interpreter and command line), unless it runs under it already or it does not apply. Call
-  it first thing in a script: what the process did before is lost, and so are the descriptors it
-  opened (Python opens them close-on-exec)."""
+  id, interpreter and command line), unless it runs under it already or it does not apply, and
+  where it applies, turns jax's asynchronous dispatch on the CPU off. Call it first thing in a
+  script, before jax starts its CPU backend: what the process did before is lost, and so are the
+  descriptors it opened (Python opens them close-on-exec)."""
   environ = host_malloc_environment()
-  if environ is not None and environ['GLIBC_TUNABLES'] != os.environ.get('GLIBC_TUNABLES'):
+  if environ is None:
+    return
+  if environ['GLIBC_TUNABLES'] != os.environ.get('GLIBC_TUNABLES'):
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], environ)
+  # With asynchronous dispatch, XLA:CPU reports a step's outputs ready before it frees the step's
+  # temporaries, so the next step, dispatched at once, can allocate its block while the last one is
+  # still held: the heap grew by a whole block now and then (ViT-B/16's full step: +1.55 GiB at
+  # its 3rd step, twice in 9 steps; benchmarks/README.md). Run inline, a step has freed its block
+  # before the next one asks.
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 
 def release_freed_host_memory():
