@@ -161,7 +161,6 @@ def test_exec_with_host_malloc_restarts_the_process_once_keeping_given_tunables(
 
 
 _REPEATED_RUNS = """
-import sys
 from jaxtl import train
 train.exec_with_host_malloc()
 import jax, jax.numpy as jnp
