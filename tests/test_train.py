@@ -81,6 +81,14 @@ f(x).block_until_ready()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
+
+def _plain_cpu_environment():
+  """This environment without glibc tunables, for a subprocess on one CPU device."""
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  return env
+
+
 needs_glibc = pytest.mark.skipif(train_lib._glibc_function('gnu_get_libc_version') is None,
                                  reason='needs glibc')
 
@@ -89,8 +97,7 @@ needs_glibc = pytest.mark.skipif(train_lib._glibc_function('gnu_get_libc_version
 def test_host_malloc_lets_a_step_reuse_the_last_steps_temporaries():
   """A fresh process: with plain malloc the second run of a jitted function faults its ~200 MB of
   temporaries in again (one fault a 4 KiB page); under host_malloc_environment, it reuses them."""
-  plain = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  plain.update(JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  plain = _plain_cpu_environment()
   faults = {}
   for variant, env in (('plain', plain), ('host', train_lib.host_malloc_environment(plain))):
     out = subprocess.run([sys.executable, '-c', _FAULTS_OF_A_SECOND_RUN], env=env, cwd=ROOT,
@@ -164,19 +171,17 @@ _REPEATED_RUNS = """
 from jaxtl import train
 train.exec_with_host_malloc()
 import jax, jax.numpy as jnp
+from benchmarks.run import rss_mb
 print(jax.config.read('jax_cpu_enable_async_dispatch'))
-def rss_mib():
-  with open('/proc/self/status') as f:
-    return next(int(line.split()[1]) // 1024 for line in f if line.startswith('VmRSS'))
 # sin(x) is a 16 MiB temporary that XLA allocates when a run starts and frees when it ends.
 f = jax.jit(lambda x, w: (jnp.sin(x) @ w).sum())
 x, w = jnp.ones((4096, 1024)), jnp.ones((1024, 4))
 for _ in range(3):
   f(x, w).block_until_ready()
-before = rss_mib()
+before = rss_mb()
 for _ in range(500):
   f(x, w).block_until_ready()
-print(rss_mib() - before)
+print(rss_mb() - before)
 """
 
 
@@ -186,11 +191,9 @@ def test_exec_with_host_malloc_runs_steps_inline_so_each_reuses_the_last_ones_bl
   its temporaries, so the next run, dispatched at once, sometimes allocates a second block while
   the first is still held (this script's RSS grew by 16-48 MiB in each of 6 processes with
   dispatch left asynchronous); exec_with_host_malloc turns it off."""
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  out = subprocess.run([sys.executable, '-c', _REPEATED_RUNS], env=env, cwd=ROOT,
-                       capture_output=True, text=True, check=True).stdout.split()
-  asynchronous, growth_mib = out[-2], int(out[-1])
+  out = subprocess.run([sys.executable, '-c', _REPEATED_RUNS], env=_plain_cpu_environment(),
+                       cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+  asynchronous, growth_mib = out[-2], float(out[-1])
   assert asynchronous == 'False'
   assert growth_mib < 8, growth_mib
 
