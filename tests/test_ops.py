@@ -91,6 +91,26 @@ def test_bfloat16_gradients_keep_dtypes():
   assert float(dk[1, 1, 0, 0]) == 36.0
 
 
+def test_weight_gradient_views_wait_for_the_output_gradient(monkeypatch):
+  """The shifted views of a k x k conv's weight gradient depend on its input alone, so XLA:CPU
+  would build them during the forward pass and keep every layer's until the backward pass
+  reaches it; ops._after makes them wait for the output gradient. Six 3x3 convs plan fewer than
+  half the temporaries they plan without it (ResNet-50's full step: 1,426 -> 966 MiB)."""
+  x = jnp.ones((8, 32, 32, 16))
+  kernels = [jnp.full((3, 3, 16, 16), 0.01)] * 6
+
+  def planned():
+    def loss(kernels):
+      y = x
+      for kernel in kernels:
+        y = jax.nn.relu(ops.conv2d(y, kernel, padding=((1, 1), (1, 1))))
+      return jnp.sum(y ** 2)
+    return jax.jit(jax.grad(loss)).lower(kernels).compile().memory_analysis().temp_size_in_bytes
+  ours = planned()
+  monkeypatch.setattr(ops, '_after', lambda x, dy: x)
+  assert ours < planned() / 2
+
+
 @pytest.mark.parametrize('use_bias', [False, True])
 def test_conv_module_is_nn_conv(use_bias):
   kw = dict(features=8, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
@@ -317,6 +337,104 @@ def test_layer_norm_matches_flax_layer_norm(dtype):
                                reference(xb.astype(jnp.float32), scale, bias), atol=6e-2)
     grad = jax.grad(lambda x: jnp.sum(ops.layer_norm(x, scale, bias, 1e-5, dtype)))(xb)
     assert grad.dtype == dtype
+
+
+def _batch_norm_reference(x, scale, bias, epsilon=1e-5):
+  """nn.BatchNorm's training-mode arithmetic (float32 statistics, E[x^2] - E[x]^2 clipped at 0),
+  returning what ops.batch_norm returns, for jax's autodiff to differentiate."""
+  axes = tuple(range(x.ndim - 1))
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(axes)
+  var = jnp.maximum(0.0, jnp.square(x32).mean(axes) - jnp.square(mean))
+  return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+
+
+def test_batch_norm_module_is_nn_batch_norm_in_both_modes():
+  """Same variables; in training mode the same output (bit for bit), running statistics and
+  gradients of input, scale and bias; with running averages it is nn.BatchNorm's own code."""
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.standard_normal((4, 5, 6, 16)) * 3 + 2, jnp.float32)
+  ref, ours = nn.BatchNorm(momentum=0.9), ops.BatchNorm(momentum=0.9)
+  variables = ref.init(jax.random.key(0), x, use_running_average=False)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x, use_running_average=False)) == \
+      jax.tree.map(jnp.shape, variables)
+  variables = jax.tree.map(lambda v: v + jnp.asarray(rng.standard_normal(v.shape), v.dtype) * 0.3,
+                           variables)
+  stats = variables['batch_stats']
+  for running in (False, True):
+    apply = lambda m: lambda x, s, b: m.apply({'params': {'scale': s, 'bias': b},
+                                               'batch_stats': stats}, x,
+                                              use_running_average=running, mutable=['batch_stats'])
+    (y, new), (ref_y, ref_new) = apply(ours)(x, **_sb(variables)), apply(ref)(x, **_sb(variables))
+    np.testing.assert_array_equal(y, ref_y)
+    jax.tree.map(np.testing.assert_array_equal, new, ref_new)
+    _assert_same_vjp(lambda *a: apply(ours)(*a)[0], lambda *a: apply(ref)(*a)[0],
+                     (x, *_sb(variables).values()), rng, names=('input', 'scale', 'bias'),
+                     what=f'batch norm (running averages: {running})')
+
+
+def _sb(variables):
+  return {'s': variables['params']['scale'], 'b': variables['params']['bias']}
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_gradients_equal_autodiff_and_keep_only_statistics(dtype):
+  """Gradients through all three outputs (the batch statistics feed the running averages) equal
+  autodiff of nn.BatchNorm's formula, and stay finite for a constant channel (variance ~0, where
+  the clip at 0 acts); the backward keeps only per-channel statistics besides its arguments,
+  where autodiff keeps activation-sized tensors."""
+  rng = np.random.default_rng(13)
+  x = rng.standard_normal((3, 4, 5, 8)) * 2 + 1
+  x = jnp.asarray(x, dtype)
+  scale, bias = (jnp.asarray(rng.standard_normal(8), jnp.float32) for _ in range(2))
+  ours = lambda x, s, b: ops.batch_norm(x, s, b, 1e-5, jnp.float32)
+  y, vjp = jax.vjp(jax.jit(ours), x, scale, bias)
+  ref_y, ref_vjp = jax.vjp(_batch_norm_reference, x, scale, bias)
+  cotangents = tuple(jnp.asarray(rng.standard_normal(t.shape), jnp.float32) for t in ref_y)
+  names = ('output', 'mean', 'var', 'input gradient', 'scale gradient', 'bias gradient')
+  for name, got, want in zip(names, (*y, *vjp(cotangents)), (*ref_y, *ref_vjp(cotangents))):
+    assert got.dtype == want.dtype, name
+    if dtype == jnp.float32:
+      _assert_close(got, want, f'batch norm {name}')
+    else:  # bf16 input: float32 statistics and output (as asked), a bf16 input gradient.
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                 rtol=1e-2, atol=1e-2 * float(jnp.abs(want).max()), err_msg=name)
+  constant = x.at[..., 2].set(0.7)
+  y, vjp = jax.vjp(jax.jit(ours), constant, scale, bias)
+  assert y[2][2] < 1e-6
+  assert all(np.isfinite(np.asarray(t, np.float32)).all() for t in (*y, *vjp(cotangents)))
+  assert _residual_shapes(lambda *a: ops.batch_norm(*a, 1e-5)[0], x, scale, bias) == \
+      [(8,), (8,)]
+  assert x.shape in _residual_shapes(lambda *a: _batch_norm_reference(*a)[0], x, scale, bias), \
+      'the reference no longer keeps activation-sized tensors'
+
+
+def test_batch_norm_backward_plans_no_activations_ahead_of_time():
+  """XLA:CPU computes what a backward pass derives from forward values alone as soon as the
+  forward has them and keeps it until the backward needs it. ops.batch_norm's backward makes its
+  centred input wait for the output gradient (ops._after): a stack of Dense -> BatchNorm -> ReLU
+  plans at least 4 activations fewer temporaries than with nn.BatchNorm."""
+  class Stack(nn.Module):
+    norm: type
+
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(6):
+        x = nn.relu(self.norm(use_running_average=False)(nn.Dense(32, use_bias=False)(x)))
+      return x
+
+  x = jnp.ones((8, 32, 32, 32))
+  activation = x.size * 4
+
+  def planned(norm):
+    variables = Stack(norm).init(jax.random.key(0), x)
+    def loss(params):
+      y, _ = Stack(norm).apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                               mutable=['batch_stats'])
+      return jnp.sum(y ** 2)
+    return jax.jit(jax.grad(loss)).lower(variables['params']).compile().memory_analysis() \
+        .temp_size_in_bytes
+  assert planned(ops.BatchNorm) <= planned(nn.BatchNorm) - 4 * activation
 
 
 def test_attention_softmax_keeps_only_the_probabilities():

@@ -15,7 +15,9 @@ bn(x, use_running_average=not train) so that the train loop can keep frozen ones
 
 Convs are jaxtl.ops.Conv (nn.Conv's params, computed as matmuls where XLA:CPU's conv kernels are
 slow) and the stem's max pool is jaxtl.ops.max_pool (a gather-free gradient): together they make
-ResNet-50's training step about 2x faster on a CPU (benchmarks/README.md).
+ResNet-50's training step about 2x faster on a CPU. BatchNorm is jaxtl.ops.BatchNorm (nn.BatchNorm
+whose training-mode backward pass keeps less): with the convs' lean weight gradients, the full
+step's planned temporaries went from 1,426 to 637 MiB (benchmarks/README.md).
 """
 import functools
 from typing import Any, Optional, Sequence
@@ -51,7 +53,7 @@ class Block(nn.Module):
     conv = lambda features, kernel, stride, name: ops.Conv(
         features, (kernel, kernel), (stride, stride), padding=_pads(kernel),
         use_bias=self.conv_bias, kernel_init=_conv_init, name=name, **kw)
-    bn = lambda name: functools.partial(nn.BatchNorm(
+    bn = lambda name: functools.partial(ops.BatchNorm(
         momentum=self.bn_momentum, epsilon=self.bn_eps, name=name, **kw),
         use_running_average=not train)
 
@@ -91,7 +93,7 @@ class ResNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = ops.Conv(self.stem_width, (7, 7), (2, 2), padding=_pads(7), use_bias=self.conv_bias,
                  kernel_init=_conv_init, name='conv1', **kw)(images.astype(self.dtype))
-    x = nn.BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_eps, name='bn1', **kw)(
+    x = ops.BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_eps, name='bn1', **kw)(
         x, use_running_average=not train)
     x = nn.relu(x)
     x = ops.max_pool(x, (3, 3), (2, 2), _pads(3))  # Pads with -inf, as PyTorch does.
