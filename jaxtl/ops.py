@@ -107,9 +107,10 @@ def _transposed_matmul(a, b):
 
 def _after(x, dy):
   """x, made to depend on dy: what the backward pass derives from a forward residual alone (the
-  shifted views of a conv's input, a padded copy) XLA:CPU builds as soon as the forward pass has
-  it, and keeps alive until the backward pass reaches that layer: ResNet-50's full step held ~420
-  MiB of such copies at its peak. Adding a zero computed from dy makes them wait for the gradient
+  shifted views of a conv's input, a padded copy, a transposed activation or kernel, GELU's
+  derivative terms) XLA:CPU builds as soon as the forward pass has it, and keeps alive until the
+  backward pass reaches that layer: ResNet-50's full step held ~420 MiB of such copies at its
+  peak, ViT-B/16's last_blocks step ~70 MiB. Adding a zero computed from dy makes them wait for the gradient
   that consumes them. (lax.optimization_barrier does not: XLA:CPU removes it before scheduling.)
   The zero is exact and costs one fused add; |s| < -1 is false for every s, NaN included, and
   XLA does not fold it away. Other backends schedule on their own, and there dy may be sharded
@@ -197,11 +198,11 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
   dy2 = dy.reshape(-1, dy.shape[-1])
   # dx = dy @ kernel^T is already on XLA:CPU's fast path; the weight gradient is not.
   common = jnp.promote_types(dy.dtype, kernel.dtype)  # dy is float32 under preferred_element_type.
-  dx = lax.dot_general(dy2.astype(common), kernel.astype(common), (((1,), (1,)), ((), ())),
-                       precision=precision)
+  dx = lax.dot_general(dy2.astype(common), _after(kernel, dy).astype(common),
+                       (((1,), (1,)), ((), ())), precision=precision)
   x2 = x.reshape(-1, x.shape[-1])
   if jax.default_backend() == 'cpu':
-    dw = _transposed_matmul(x2, dy2)
+    dw = _transposed_matmul(_after(x2, dy), dy2)  # x2^T waits for dy: see _after.
   else:  # GPU/TPU compilers pick their own matmul layouts; a forced transpose would only cost.
     dw = jnp.matmul(x2.T, dy2, precision=precision, preferred_element_type=jnp.float32)
   return dx.reshape(x.shape).astype(x.dtype), dw.astype(kernel.dtype)
@@ -240,7 +241,8 @@ def _gelu_fwd(x, approximate):
 
 
 def _gelu_bwd(approximate, x, dy):
-  return jax.vjp(functools.partial(jax.nn.gelu, approximate=approximate), x)[1](dy)
+  # _after: else XLA shares the derivative's erf/exp terms with the forward pass's and keeps them.
+  return jax.vjp(functools.partial(jax.nn.gelu, approximate=approximate), _after(x, dy))[1](dy)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)

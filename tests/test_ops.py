@@ -243,6 +243,29 @@ def _reference_attention(q, k, v, bias, mask):
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
+def test_dense_and_gelu_backward_passes_wait_for_the_output_gradient(monkeypatch):
+  """The dense layer's transposed activations and kernel, and GELU's derivative terms, depend on
+  forward values alone; without ops._after XLA:CPU computes them in the forward pass (the GELU
+  terms shared with the forward's own) and keeps them until the backward pass. A 4-layer
+  residual MLP plans under 0.7x the temporaries it plans without (ViT-B/16 last_blocks: 308 ->
+  234 MiB)."""
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(4):
+        x = x + nn.Dense(64, dot_general=ops.dot_general)(
+            ops.gelu(nn.Dense(256, dot_general=ops.dot_general)(x)))
+      return x
+
+  x = jnp.ones((8, 128, 64))
+  params = MLP().init(jax.random.key(0), x)
+  planned = lambda: jax.jit(jax.grad(lambda p: jnp.sum(MLP().apply(p, x) ** 2))).lower(
+      params).compile().memory_analysis().temp_size_in_bytes
+  ours = planned()
+  monkeypatch.setattr(ops, '_after', lambda x, dy: x)
+  assert ours < 0.7 * planned()
+
+
 @pytest.mark.parametrize('backend', ['cpu', 'gpu'])
 @pytest.mark.parametrize('with_bias', [False, True])
 def test_dot_product_attention_matches_einsum_reference(backend, with_bias, monkeypatch):
