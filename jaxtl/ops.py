@@ -160,7 +160,9 @@ def _conv_kxk_bwd(strides, padding, residuals, dy):
   # The input gradient is XLA's own (a transposed conv, fast on CPU). The primal conv that
   # jax.vjp traces here is unused and dead-code eliminated; and when x needs no gradient (the
   # images into a stem), this whole branch is.
-  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, strides, padding), x)
+  # _after: else XLA transposes the kernel for this as the step starts and keeps it until here.
+  flipped_from = _after(kernel, dy)
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, flipped_from, strides, padding), x)
   dx, = input_vjp(dy)
   dw = _weight_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
   return dx, dw
