@@ -110,8 +110,9 @@ def _after(x, dy):
   shifted views of a conv's input, a padded copy, a transposed activation or kernel, GELU's
   derivative terms) XLA:CPU builds as soon as the forward pass has it, and keeps alive until the
   backward pass reaches that layer: ResNet-50's full step held ~420 MiB of such copies at its
-  peak, ViT-B/16's last_blocks step ~70 MiB. Adding a zero computed from dy makes them wait for the gradient
-  that consumes them. (lax.optimization_barrier does not: XLA:CPU removes it before scheduling.)
+  peak, ViT-B/16's last_blocks step ~70 MiB. Adding a zero computed from dy makes them wait for
+  the gradient that consumes them. (lax.optimization_barrier does not: XLA:CPU removes it before
+  scheduling.)
   The zero is exact and costs one fused add; |s| < -1 is false for every s, NaN included, and
   XLA does not fold it away. Other backends schedule on their own, and there dy may be sharded
   across devices, where reading one of its elements is a collective: x as it is."""

@@ -372,6 +372,10 @@ def _batch_norm_reference(x, scale, bias, epsilon=1e-5):
   return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias, mean, var
 
 
+def _sb(variables):
+  return {'s': variables['params']['scale'], 'b': variables['params']['bias']}
+
+
 def test_batch_norm_module_is_nn_batch_norm_in_both_modes():
   """Same variables; in training mode the same output (bit for bit), running statistics and
   gradients of input, scale and bias; with running averages it is nn.BatchNorm's own code."""
@@ -394,10 +398,6 @@ def test_batch_norm_module_is_nn_batch_norm_in_both_modes():
     _assert_same_vjp(lambda *a: apply(ours)(*a)[0], lambda *a: apply(ref)(*a)[0],
                      (x, *_sb(variables).values()), rng, names=('input', 'scale', 'bias'),
                      what=f'batch norm (running averages: {running})')
-
-
-def _sb(variables):
-  return {'s': variables['params']['scale'], 'b': variables['params']['bias']}
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])

@@ -17,7 +17,7 @@ Convs are jaxtl.ops.Conv (nn.Conv's params, computed as matmuls where XLA:CPU's 
 slow) and the stem's max pool is jaxtl.ops.max_pool (a gather-free gradient): together they make
 ResNet-50's training step about 2x faster on a CPU. BatchNorm is jaxtl.ops.BatchNorm (nn.BatchNorm
 whose training-mode backward pass keeps less): with the convs' lean weight gradients, the full
-step's planned temporaries went from 1,426 to 637 MiB (benchmarks/README.md).
+step's planned temporaries went from 1,426 to 620 MiB (benchmarks/README.md).
 """
 import functools
 from typing import Any, Optional, Sequence
