@@ -116,28 +116,33 @@ def test_sigint_is_handled_like_sigterm(tmp_path):
 
 
 def test_kill_during_a_save_keeps_the_last_good_checkpoint(uninterrupted, tmp_path):
-  """Saves every step; SIGKILL as soon as orbax's temporary folder of a save appears. The rerun
-  ignores the partial save and resumes from the last committed one."""
-  def saving():
-    directory = tmp_path / 'checkpoints'
-    return directory.exists() and any(
-        'tmp' in p.name for p in directory.iterdir()) and len(_steps(tmp_path)) >= 1
+  """Saves every step; SIGKILL while a save's temporary folder exists. The rerun ignores the
+  partial save and resumes from the last committed one.
 
-  for attempt in range(3):  # A save takes milliseconds; the poll may miss it, so try again.
-    proc = _start(tmp_path, '--config.checkpoint_every_steps=1')
-    caught = _wait_for(proc, saving)
+  A save takes milliseconds, so the poll stops the process (SIGSTOP freezes all its threads)
+  and kills it only if the temporary folder is still there; otherwise it lets it go on."""
+  directory = tmp_path / 'checkpoints'
+
+  def partial():
+    return [p.name for p in directory.iterdir() if not p.name.isdigit()] if (
+        directory.exists()) else []
+
+  proc = _start(tmp_path, '--config.checkpoint_every_steps=1')
+  try:
+    while True:
+      if not _wait_for(proc, lambda: partial() and _steps(tmp_path)):
+        pytest.fail('the run ended before a save was caught in progress')
+      proc.send_signal(signal.SIGSTOP)
+      if partial():
+        break
+      proc.send_signal(signal.SIGCONT)
+  finally:
     proc.kill()
     proc.wait()
-    if caught:
-      break
-    assert _steps(tmp_path)[-1] < 64, 'the run finished before a save was caught'
-  assert caught, 'never caught a save in progress'
   committed = _steps(tmp_path)
-  partial = [p.name for p in (tmp_path / 'checkpoints').iterdir() if not p.name.isdigit()]
-  assert partial, 'no partial save was left behind by the kill'
+  assert partial() and committed[-1] < 64
   _run(tmp_path)
   _assert_same_params(uninterrupted, tmp_path)
-  assert committed[-1] < 64
 
 
 def _diverging(config):
