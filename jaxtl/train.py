@@ -1,6 +1,5 @@
 """Training: a TrainState pytree, one jitted train step over a device mesh, an eval step, and the
 loop `train_and_evaluate(config, workdir)` that ties data, model, freezing and checkpoints."""
-import ctypes
 import importlib.metadata
 import importlib.util
 import json
@@ -26,6 +25,7 @@ from jaxtl import (checkpoint, data as data_lib, feature_cache, freeze, lora, me
                    parallel, plots, run, weights)
 from jaxtl.data import images as image_data, text as text_data
 from jaxtl.errors import ConfigError, JaxtlError
+from jaxtl.host_memory import glibc_function, release_freed_host_memory
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -285,7 +285,7 @@ def host_malloc_environment(environ=None):
   elif (importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu')
         or list(importlib.metadata.entry_points(group='jax_plugins'))):
     return None  # jax would pick an accelerator if one is present.
-  if _glibc_function('gnu_get_libc_version') is None:
+  if glibc_function('gnu_get_libc_version') is None:
     return None
   given = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
   names = {t.split('=')[0] for t in given}
@@ -313,23 +313,6 @@ def exec_with_host_malloc():
   # its 3rd step, twice in 9 steps; benchmarks/README.md). Run inline, a step has freed its block
   # before the next one asks.
   jax.config.update('jax_cpu_enable_async_dispatch', False)
-
-
-def release_freed_host_memory():
-  """Hands the heap that glibc keeps after frees back to the OS (malloc_trim). XLA's compiler
-  allocates and frees hundreds of MB of small blocks; glibc would keep them mapped for the life
-  of the process, so the step's buffers come on top: returning them after the step compiles
-  takes 170-380 MiB off the resident memory of BERT-base's, ViT-B/16's and ResNet-50's full
-  fine-tune on the CPU (benchmarks/README.md). Nothing happens where the C library is not glibc."""
-  trim = _glibc_function('malloc_trim')
-  if trim is not None:
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
-
-
-def _glibc_function(name):
-  """The C library's function `name`, or None where it has none (not glibc: macOS, musl)."""
-  return getattr(ctypes.CDLL(None), name, None)
 
 
 def eval_step(state, batch, *, module):

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from benchmarks.run import rss_mb
-from jaxtl import train as train_lib
+from jaxtl import host_memory, train as train_lib
 from jaxtl.errors import ConfigError
 from conftest import ROOT, load_config
 
@@ -89,7 +89,7 @@ def _plain_cpu_environment():
   return env
 
 
-needs_glibc = pytest.mark.skipif(train_lib._glibc_function('gnu_get_libc_version') is None,
+needs_glibc = pytest.mark.skipif(host_memory.glibc_function('gnu_get_libc_version') is None,
                                  reason='needs glibc')
 
 
