@@ -1,26 +1,30 @@
 """2-D convolutions that train fast on XLA:CPU, as a drop-in for `flax.linen.Conv`.
 
 XLA:CPU computes a convolution's forward and input gradient at matmul-like speed, but its
-weight-gradient kernel is slow: for a 1x1 conv in ResNet-50 it took 4-13x the time of the same
-contraction written as a matmul, and for 3x3 and 7x7 convs 1.3-3x. So:
+weight-gradient kernel was slow: for a 1x1 conv in ResNet-50 it took 4-13x the time of the same
+contraction written as a matmul, and for 3x3 and 7x7 convs 1.3-3x. (With jaxlib 0.10, a 1x1
+conv's forward and gradients through XLA's conv still take 1.5-3.8x as long.) So:
 
   - a 1x1 conv is a matmul over channels (a strided one subsamples first); plain autodiff then
     gives matmuls for both gradients;
-  - a k x k conv keeps XLA's forward and input gradient, and a custom VJP computes the weight
-    gradient as matmuls over shifted views of the input: for each kernel offset (i, j),
+  - a k x k conv keeps XLA's forward and input gradient, and a custom VJP picks the weight
+    gradient's form: with few input channels (a stem conv on RGB), one im2col matmul (the k*k
+    shifted views of the input stacked, k*k*C rows); else XLA's own weight-gradient conv, which
+    jaxlib 0.10 runs faster than the alternative for six of ResNet-50's seven 3x3 conv shapes
+    (1.1-2.2x; 0.86x for the stride-2 one into stage 4); and for inputs so large that XLA's
+    falls behind (up to 3x slower), matmuls over shifted views: for each kernel offset (i, j),
     dW[i, j] = x_shifted(i, j)^T @ dy, contracting batch and space (a k*k-term im2col whose
-    columns are never materialised together). With few input channels (a stem conv on RGB) those
-    matmuls are too thin to run well, so there the shifted views are stacked into one im2col
-    matrix (k*k*C rows) and multiplied once.
+    columns are never materialised together).
 
 A depthwise conv (one k x k filter per channel, MobileNet's) is a sum of k*k shifted views of
 the input, each times its tap's per-channel weights: elementwise work that XLA fuses, with
 gradients that are elementwise too. XLA:CPU's grouped-conv kernels took ~4x as long forward and
 more in the gradients (MobileNetV2 at 96 px, batch 64: 2.6 s against 1.3 s a training step).
 
-The weight gradient's views are made to wait for the output gradient (`_after`): XLA:CPU would
-otherwise build them during the forward pass and hold every layer's until the backward pass
-reached it (ResNet-50's full step: 1,426 -> 966 MiB of planned temporaries, same speed).
+The weight gradient's input is made to wait for the output gradient (`_after`): XLA:CPU would
+otherwise build the shifted views during the forward pass and hold every layer's until the
+backward pass reached it (ResNet-50's full step: 1,426 -> 966 MiB of planned temporaries, same
+speed).
 
 `max_pool` is PyTorch's max pooling with a gradient that needs no index tensors; `BatchNorm` is
 nn.BatchNorm whose training-mode backward pass (`batch_norm`) keeps no centred copy of its input
@@ -57,6 +61,13 @@ import numpy as np
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 # Below this many input channels the weight gradient is one im2col matmul, not k*k thin ones.
 _IM2COL_MAX_CHANNELS = 16
+# Above it, XLA's own weight-gradient convolution up to this much work per kernel tap (output
+# positions x in x out channels), and k*k matmuls beyond. Measured for 3x3 convs on the 2-core
+# AVX2 CPU (jaxlib 0.10.2), batch x size x channels: XLA against the matmuls 21 / 47 ms for
+# 8x56x64 (work 2**26.6), 46 / 69 for 8x28x256, 57 / 90 for 32x28x128, 241 / 289 for 12x112x64
+# (2**29.2); but 251 / 183 for 16x56x128 (2**29.6), 456 / 396 for 8x160x64, 1,139 / 361 for
+# 8x112x128. ResNet-50's full step at batch 8: 0.955x the time (benchmarks/README.md).
+_XLA_WEIGHT_GRAD_MAX_WORK = 2**29
 
 Padding = Union[str, Sequence[Sequence[int]]]
 
@@ -139,8 +150,10 @@ relu.defjvps(lambda g, y, x: jnp.where(x > 0, g, jnp.zeros_like(g)))
 
 
 def _weight_grad(x, dy, kernel_shape, strides, padding):
-  """dL/dkernel of the conv, given its input x (N, H, W, C) and output gradient dy (N, Ho, Wo, O),
-  as matmuls. Accumulates in float32 (bf16 inputs too) and returns float32."""
+  """dL/dkernel of the conv, given its input x (N, H, W, C) and output gradient dy (N, Ho, Wo, O):
+  an im2col matmul for few input channels, else XLA's convolution or, for large inputs, where
+  that falls far behind, matmuls over shifted views. Accumulates in float32 (bf16 inputs too) and
+  returns float32 (float64 for float64 inputs on XLA's path)."""
   kh, kw, c, o = kernel_shape
   out_hw = dy.shape[1:3]
   x = _after(x, dy)
@@ -153,6 +166,12 @@ def _weight_grad(x, dy, kernel_shape, strides, padding):
     cols = jnp.stack(_shifted_views(xt, (kh, kw), strides, out_hw, axes=(2, 3)))
     dw = jnp.matmul(cols.reshape(kh * kw * c, -1), dy2, preferred_element_type=jnp.float32)
     return dw.reshape(kh, kw, c, o)
+  if dy2.shape[0] * c * o <= _XLA_WEIGHT_GRAD_MAX_WORK:
+    # XLA's own weight-gradient convolution, in float32 at least.
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    transpose = jax.linear_transpose(lambda k: _xla_conv(x.astype(dtype), k, strides, padding),
+                                     jax.ShapeDtypeStruct(kernel_shape, dtype))
+    return transpose(dy.astype(dtype))[0]
   # k*k matmuls x_view^T (C, N*Ho*Wo) @ dy (N*Ho*Wo, O): each view is one strided copy of the
   # input, the largest intermediate; a full im2col would be k*k times that.
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
