@@ -225,14 +225,16 @@ def test_max_pool_gradient_matches_jax_without_ties():
 
 
 @pytest.mark.parametrize('backend', ['cpu', 'gpu'])
-def test_dot_general_is_lax_dot_general_for_dense_layers(backend, monkeypatch):
-  """On CPU the weight gradient is the transposed-first matmul; elsewhere the plain dot (the
-  'gpu' case fakes the backend name, which is all the branch reads)."""
+@pytest.mark.parametrize('features', [(12, 5), (5, 12)], ids=['narrowing', 'widening'])
+def test_dot_general_is_lax_dot_general_for_dense_layers(backend, features, monkeypatch):
+  """On CPU the weight gradient is a transposed-first matmul (of the activation, or for a layer
+  that narrows of the output gradient); elsewhere the plain dot (the 'gpu' case fakes the backend
+  name, which is all the branch reads)."""
   if backend != jax.default_backend():
     monkeypatch.setattr(ops.jax, 'default_backend', lambda: backend)
   rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.standard_normal((2, 7, 12)), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 7, features[0])), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal(features), jnp.float32)
   numbers = (((2,), (0,)), ((), ()))
   f = lambda dot: (lambda x, k: jnp.sum(jnp.sin(dot(x, k, numbers))))
   _assert_close(ops.dot_general(x, kernel, numbers), lax.dot_general(x, kernel, numbers), 'dot')
@@ -246,10 +248,10 @@ def test_dot_general_is_lax_dot_general_for_dense_layers(backend, monkeypatch):
                                                   preferred_element_type=jnp.float32)))(kernel)
   assert dk.dtype == jnp.float32
   want = x16.astype(jnp.float32).sum((0, 1))[:, None]  # d sum(x @ k) / dk; bf16-rounded below.
-  np.testing.assert_allclose(dk, jnp.broadcast_to(want, (12, 5)), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(dk, jnp.broadcast_to(want, features), rtol=1e-2, atol=1e-2)
   # Any other contraction is lax.dot_general's own.
   batched = (((2,), (1,)), ((0,), (0,)))
-  y = jnp.ones((2, 12, 3))
+  y = jnp.ones((2, features[0], 3))
   _assert_close(ops.dot_general(x, y, batched), lax.dot_general(x, y, batched), 'batched dot')
 
 
