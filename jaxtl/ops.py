@@ -28,11 +28,10 @@ speed).
 
 `max_pool` is PyTorch's max pooling with a gradient that needs no index tensors; `relu` is
 jax.nn.relu in a form that XLA does not recompute in each consumer (a residual block's output);
-`BatchNorm` is
-nn.BatchNorm whose training-mode backward pass (`batch_norm`) keeps no centred copy of its input
-(ResNet-50's full step: 966 -> 637 MiB); `gelu`,
-`layer_norm`/`LayerNorm` and the attention's softmax are jax's and Flax's with backward passes
-that keep less (the input and per-row statistics, or the probabilities) and recompute the rest;
+`BatchNorm` is nn.BatchNorm whose training-mode backward pass (`batch_norm`) keeps no centred
+copy of its input (ResNet-50's full step: 966 -> 637 MiB); `gelu`, `layer_norm`/`LayerNorm` and
+the attention's softmax are jax's and Flax's with backward passes that keep less (the input and
+per-row statistics, or the probabilities) and recompute the rest;
 `dot_general` a drop-in for Flax's nn.Dense (`dot_general=ops.dot_general`, as BERT's and ViT's
 encoder layers use it) whose weight gradient takes XLA:CPU's fast matmul path (on other backends
 it is the plain dot), `dot_product_attention` BERT's and ViT's softmax attention in a layout
@@ -68,7 +67,7 @@ _IM2COL_MAX_CHANNELS = 16
 # AVX2 CPU (jaxlib 0.10.2), batch x size x channels: XLA against the matmuls 21 / 47 ms for
 # 8x56x64 (work 2**26.6), 46 / 69 for 8x28x256, 57 / 90 for 32x28x128, 241 / 289 for 12x112x64
 # (2**29.2); but 251 / 183 for 16x56x128 (2**29.6), 456 / 396 for 8x160x64, 1,139 / 361 for
-# 8x112x128. ResNet-50's full step at batch 8: 0.955x the time (benchmarks/README.md).
+# 8x112x128. ResNet-50's full step at batch 8: 0.96x the time (benchmarks/README.md).
 _XLA_WEIGHT_GRAD_MAX_WORK = 2**29
 
 Padding = Union[str, Sequence[Sequence[int]]]
@@ -143,8 +142,8 @@ def relu(x):
   it can fuse into when the op has one array operand: relu(x + y) does, after the add is fused
   into it. A ResNet's block output feeds the next block's residual add, so that add would
   recompute it, keeping every earlier block's conv output alive until the end of the stage
-  (ResNet-50's eval forward: 133 MiB of planned temporaries for ~50 MiB of activations). A select
-  reads x twice (x and x < 0), which XLA does not duplicate."""
+  (ResNet-50's inference forward at batch 8: 133 MiB of planned temporaries; 80 with this relu).
+  A select reads x twice (x and x < 0), which XLA does not duplicate."""
   return jnp.where(x < 0, jnp.zeros_like(x), x)
 
 

@@ -55,7 +55,8 @@ def init(module, seed: int = 0):
   `ops.fused_key(seed)`: jax.random.key(seed)'s values, without the temporaries of jax's threefry
   loop on the CPU (BERT-base's init plans 20 MiB of them, not 289). The init is compiled first and
   the heap the compiler freed is handed back before it runs: the params would otherwise be placed
-  above it, and ResNet-50's init peaked ~55 MiB higher (host_memory.release_freed_host_memory)."""
+  above it (ResNet-50's init peaked 320 MiB above the baseline, now 250; see
+  host_memory.release_freed_host_memory)."""
   init_fn = jax.jit(lambda: module.init(ops.fused_key(seed), *module.example_inputs()))
   compiled = init_fn.lower().compile()
   host_memory.release_freed_host_memory()
