@@ -58,6 +58,11 @@ def _assert_same_vjp(ours, reference, args, rng, names=('input', 'kernel'), what
     _assert_close(grad, ref_grad, f'{name} gradient')
 
 
+def _planned_temporaries(f, *args):
+  """Bytes of temporaries XLA plans for jit(f)(*args) (pass a fresh f: jit caches by function)."""
+  return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
 @pytest.fixture(params=['xla', 'views'])
 def weight_grad_path(request, monkeypatch):
   """A k x k conv's weight gradient from XLA's convolution (these small cases) or, as for large
@@ -115,7 +120,7 @@ def test_weight_gradient_inputs_wait_for_the_output_gradient(weight_grad_path, m
       for kernel in kernels:
         y = jax.nn.relu(ops.conv2d(y, kernel, padding=((1, 1), (1, 1))))
       return jnp.sum(y ** 2)
-    return jax.jit(jax.grad(loss)).lower(kernels).compile().memory_analysis().temp_size_in_bytes
+    return _planned_temporaries(jax.grad(loss), kernels)
   ours = planned()
   monkeypatch.setattr(ops, '_after', lambda x, dy: x)
   if weight_grad_path == 'views':
@@ -289,8 +294,8 @@ def test_dense_and_gelu_backward_passes_wait_for_the_output_gradient(monkeypatch
 
   x = jnp.ones((8, 128, 64))
   params = MLP().init(jax.random.key(0), x)
-  planned = lambda: jax.jit(jax.grad(lambda p: jnp.sum(MLP().apply(p, x) ** 2))).lower(
-      params).compile().memory_analysis().temp_size_in_bytes
+  planned = lambda: _planned_temporaries(jax.grad(lambda p: jnp.sum(MLP().apply(p, x) ** 2)),
+                                         params)
   ours = planned()
   monkeypatch.setattr(ops, '_after', lambda x, dy: x)
   assert ours < 0.7 * planned()
@@ -485,8 +490,7 @@ def test_batch_norm_backward_plans_no_activations_ahead_of_time():
       y, _ = Stack(norm).apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
                                mutable=['batch_stats'])
       return jnp.sum(y ** 2)
-    return jax.jit(jax.grad(loss)).lower(variables['params']).compile().memory_analysis() \
-        .temp_size_in_bytes
+    return _planned_temporaries(jax.grad(loss), variables['params'])
   assert planned(ops.BatchNorm) <= planned(nn.BatchNorm) - 4 * activation
 
 
@@ -514,8 +518,7 @@ def test_residual_outputs_through_ops_relu_are_not_recomputed_by_their_consumers
       for kernel in kernels:
         x = relu(x + (jnp.matmul(x, kernel) * 0.5 + 0.1))
       return x
-    return jax.jit(forward).lower([jnp.ones((64, 64))] * 6, x).compile().memory_analysis() \
-        .temp_size_in_bytes
+    return _planned_temporaries(forward, [jnp.ones((64, 64))] * 6, x)
   assert planned(nn.relu) >= 6 * activation  # What ops.relu avoids is still there.
   assert planned(ops.relu) <= 2 * activation
 
