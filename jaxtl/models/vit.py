@@ -55,21 +55,29 @@ class SelfAttention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train):
+  def __call__(self, x, train, query_rows=(slice(None),)):
+    """Every token of x attends over all of them. Returns one output per slice of rows in
+    `query_rows`: keys and values are computed once, queries and the output projection per
+    slice (the last block asks for the class token apart from the rest; see EncoderBlock)."""
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
     dense = functools.partial(nn.Dense, hidden, kernel_init=_dense_init, dtype=self.dtype,
                               param_dtype=self.param_dtype, dot_general=ops.dot_general)
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
-    q = split(dense(use_bias=self.qkv_bias, name='query')(x))
+    query = dense(use_bias=self.qkv_bias, name='query')
     k = split(dense(use_bias=self.qkv_bias, name='key')(x))
     v = split(dense(use_bias=self.qkv_bias, name='value')(x))
+    out = dense(name='out')
     # Dropout on the attention probabilities needs them materialised; without it, on GPU/TPU,
     # ops.dot_product_attention calls a fused kernel where the backend has one.
     dropout = (functools.partial(ops.Dropout(self.dropout_rate), deterministic=False)
                if train and self.dropout_rate > 0 else None)
-    context = ops.dot_product_attention(q, k, v, dropout=dropout, dtype=self.dtype)
-    return dense(name='out')(context.reshape(x.shape[:-1] + (hidden,)))
+    outputs = []
+    for rows in query_rows:
+      q = split(query(x[:, rows]))
+      context = ops.dot_product_attention(q, k, v, dropout=dropout, dtype=self.dtype)
+      outputs.append(out(context.reshape(q.shape[:-2] + (hidden,))))
+    return tuple(outputs)
 
 
 class Mlp(nn.Module):
@@ -90,7 +98,12 @@ class Mlp(nn.Module):
 
 class EncoderBlock(nn.Module):
   """Pre-LN block. `drop_rate` is this block's stochastic-depth rate: an array, so that one
-  scanned block serves every depth."""
+  scanned block serves every depth.
+
+  `head_rows` = k > 0 (the last block under 'token' pooling) computes rows [:k] and [k:] apart
+  once the keys and values are known: every later step is per token, so a caller that reads only
+  the first k rows (a classifier's loss reads the class token) lets XLA drop the rest, ~84 % of
+  the block's FLOPs. The values are the same either way."""
   num_heads: int
   mlp_dim: int
   hidden_act: str
@@ -102,30 +115,35 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def drop_path(self, y, drop_rate, train):
+  def drop_path(self, ys, drop_rate, train):
     """Stochastic depth (Huang et al., 2016): per example, drop the residual branch with
-    probability drop_rate and scale the kept ones by 1 / (1 - drop_rate)."""
+    probability drop_rate and scale the kept ones by 1 / (1 - drop_rate). ys: the branch's row
+    groups, which share one draw."""
     if not (train and self.stochastic_depth):
-      return y
+      return ys
     keep = 1.0 - drop_rate
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-    return jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y))
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (ys[0].shape[0], 1, 1))
+    return tuple(jnp.where(mask, y / keep.astype(y.dtype), jnp.zeros_like(y)) for y in ys)
 
   @nn.compact
-  def __call__(self, x, drop_rate, train):
+  def __call__(self, x, drop_rate, train, head_rows=0):
+    """(x, row groups): the block's output (the next block's input, nn.scan's carry) and the
+    same rows as computed, in groups (one, or two with head_rows)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(ops.LayerNorm, epsilon=self.layer_norm_eps, **kw)
     dropout = ops.Dropout(self.dropout_rate, deterministic=not train)
+    rows = (slice(0, head_rows), slice(head_rows, None)) if head_rows else (slice(None),)
 
-    y = SelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout, name='attention',
-                      **kw)(norm(name='norm1')(x), train)
-    x = x + self.drop_path(dropout(y), drop_rate, train)
+    ys = SelfAttention(self.num_heads, self.qkv_bias, self.attention_dropout, name='attention',
+                       **kw)(norm(name='norm1')(x), train, rows)
+    ys = self.drop_path(tuple(dropout(y) for y in ys), drop_rate, train)
+    xs = [x[:, r] + y for r, y in zip(rows, ys)]
 
-    y = Mlp(self.mlp_dim, self.hidden_act, self.dropout_rate, name='mlp', **kw)(
-        norm(name='norm2')(x), train)
-    x = x + self.drop_path(dropout(y), drop_rate, train)
-    # (carry, per-layer output): the form nn.scan wants; the loop below uses the same.
-    return x, x
+    norm2 = norm(name='norm2')
+    mlp = Mlp(self.mlp_dim, self.hidden_act, self.dropout_rate, name='mlp', **kw)
+    ys = self.drop_path(tuple(dropout(mlp(norm2(x), train)) for x in xs), drop_rate, train)
+    xs = tuple(x + y for x, y in zip(xs, ys))
+    return (xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)), xs
 
 
 class Encoder(nn.Module):
@@ -142,34 +160,38 @@ class Encoder(nn.Module):
   stochastic_depth: float
   scan: bool
   remat: bool
+  head_rows: int = 0               # The last block's head_rows (unrolled only; see EncoderBlock).
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train):
-    """Every layer's output."""
+    """(every layer's output, the last layer's output in row groups)."""
     # Stochastic depth grows linearly with depth, from 0 at the first block (DeiT, timm).
     rates = jnp.linspace(0.0, self.stochastic_depth, self.num_layers, dtype=jnp.float32)
     block = EncoderBlock
     if self.remat:
-      # Recompute each block's activations in the backward pass; `train` (arg 3) stays static.
-      block = nn.remat(block, static_argnums=(3,))
+      # Recompute each block's activations in the backward pass; `train` and `head_rows`
+      # (args 3, 4) stay static.
+      block = nn.remat(block, static_argnums=(3, 4))
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, hidden_act=self.hidden_act,
               qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps,
               dropout_rate=self.dropout_rate, attention_dropout=self.attention_dropout,
               stochastic_depth=self.stochastic_depth > 0, dtype=self.dtype,
               param_dtype=self.param_dtype)
     if self.scan:
+      # One block for every layer: the last one cannot compute fewer rows.
       layers = nn.scan(block, variable_axes={'params': 0},
                        split_rngs={'params': True, 'dropout': True},
-                       in_axes=(0, nn.broadcast), length=self.num_layers)
-      _, ys = layers(name='layers', **kw)(x, rates, train)
-      return tuple(ys[i] for i in range(self.num_layers))
+                       in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_layers)
+      _, (ys,) = layers(name='layers', **kw)(x, rates, train, 0)
+      return tuple(ys[i] for i in range(self.num_layers)), (ys[-1],)
     hidden_states = []
     for i in range(self.num_layers):
-      x, _ = block(name=f'layer_{i}', **kw)(x, rates[i], train)
+      head_rows = self.head_rows if i == self.num_layers - 1 else 0
+      x, groups = block(name=f'layer_{i}', **kw)(x, rates[i], train, head_rows)
       hidden_states.append(x)
-    return tuple(hidden_states)
+    return tuple(hidden_states), groups
 
 
 class ViT(nn.Module):
@@ -262,15 +284,18 @@ class ViT(nn.Module):
     x = x + pos.astype(x.dtype)
     x = ops.Dropout(self.dropout_rate)(x, deterministic=not train)
 
-    layer_outputs = Encoder(
+    # Under 'token' pooling the head reads one row of the last block: it computes that row apart
+    # from the rest, which XLA drops when nothing reads them (a classifier's step).
+    layer_outputs, last = Encoder(
         self.num_layers, self.num_heads, self.mlp_dim, self.hidden_act, self.qkv_bias,
         self.layer_norm_eps, self.dropout_rate, self.attention_dropout, self.stochastic_depth,
-        self.scan, self.remat, name='encoder', **kw)(x, train)
+        self.scan, self.remat, self.num_prefix_tokens, name='encoder', **kw)(x, train)
     out['hidden_states'] = (x,) + layer_outputs
-    x = ops.LayerNorm(epsilon=self.layer_norm_eps, name='encoder_norm', **kw)(layer_outputs[-1])
-    out['encoded'] = x
+    encoder_norm = ops.LayerNorm(epsilon=self.layer_norm_eps, name='encoder_norm', **kw)
+    last = tuple(encoder_norm(rows) for rows in last)  # The norm is per token too.
+    x = out['encoded'] = last[0] if len(last) == 1 else jnp.concatenate(last, axis=1)
 
-    x = out['pooled'] = x[:, 0] if self.pooling == 'token' else jnp.mean(x, axis=1)
+    x = out['pooled'] = last[0][:, 0] if self.pooling == 'token' else jnp.mean(x, axis=1)
     if self.representation_size:
       x = jnp.tanh(nn.Dense(self.representation_size, name='pre_logits', **kw)(x))
     out['pre_logits'] = x
