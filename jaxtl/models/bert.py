@@ -45,22 +45,34 @@ class SelfAttention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask_bias, train):
+  def __call__(self, x, mask_bias, train, query_rows=(slice(None),)):
+    """Every token of x attends over all of them. Returns one output per slice of rows in
+    `query_rows`: keys and values are computed once, queries and the output projection per
+    slice (the last layer asks for [CLS] apart from the rest; see EncoderLayer)."""
     hidden = x.shape[-1]
     head_dim = hidden // self.num_heads
     dense = functools.partial(nn.Dense, hidden, kernel_init=_init, dtype=self.dtype,
                               param_dtype=self.param_dtype, dot_general=ops.dot_general)
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
-    q = split(dense(name='query')(x))
+    query = dense(name='query')
     k = split(dense(name='key')(x))
     v = split(dense(name='value')(x))
+    output = dense(name='output')
     # Softmax in fp32 even when the matmuls run in bf16; dropout on the probabilities.
     dropout = functools.partial(ops.Dropout(self.dropout_rate), deterministic=not train)
-    context = ops.dot_product_attention(q, k, v, mask_bias, dropout, self.dtype)
-    return dense(name='output')(context.reshape(x.shape[:-1] + (hidden,)))
+    outputs = []
+    for rows in query_rows:
+      q = split(query(x[:, rows]))
+      context = ops.dot_product_attention(q, k, v, mask_bias, dropout, self.dtype)
+      outputs.append(output(context.reshape(q.shape[:-2] + (hidden,))))
+    return tuple(outputs)
 
 
 class EncoderLayer(nn.Module):
+  """Post-LN layer. `head_rows` = k > 0 (the last layer under 'cls' pooling) computes rows [:k]
+  and [k:] apart once the keys and values are known: every later step is per token, so a caller
+  that reads only the first k rows (a classifier's loss reads [CLS] through the pooler) lets XLA
+  drop the rest, ~84 % of the layer's FLOPs. The values are the same either way."""
   num_heads: int
   intermediate_size: int
   hidden_act: str
@@ -71,22 +83,26 @@ class EncoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask_bias, train):
+  def __call__(self, x, mask_bias, train, head_rows=0):
+    """(x, row groups): the layer's output (the next layer's input, nn.scan's carry) and the
+    same rows as computed, in groups (one, or two with head_rows)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dropout = ops.Dropout(self.hidden_dropout, deterministic=not train)
     norm = functools.partial(ops.LayerNorm, epsilon=self.layer_norm_eps, **kw)
+    rows = (slice(0, head_rows), slice(head_rows, None)) if head_rows else (slice(None),)
 
-    y = SelfAttention(self.num_heads, self.attention_dropout, name='attention', **kw)(
-        x, mask_bias, train)
-    x = norm(name='attention_norm')(x + dropout(y))
+    ys = SelfAttention(self.num_heads, self.attention_dropout, name='attention', **kw)(
+        x, mask_bias, train, rows)
+    attention_norm = norm(name='attention_norm')
+    xs = [attention_norm(x[:, r] + dropout(y)) for r, y in zip(rows, ys)]
 
     # ops.dot_general: Flax's matmul with a weight gradient on XLA:CPU's fast path (ops.py).
     dense = functools.partial(nn.Dense, kernel_init=_init, dot_general=ops.dot_general, **kw)
-    y = ACTIVATIONS[self.hidden_act](dense(self.intermediate_size, name='intermediate')(x))
-    y = dense(x.shape[-1], name='output')(y)
-    x = norm(name='output_norm')(x + dropout(y))
-    # (carry, per-layer output): the form nn.scan wants; the unrolled loop uses the same.
-    return x, x
+    intermediate = dense(self.intermediate_size, name='intermediate')
+    output, output_norm = dense(x.shape[-1], name='output'), norm(name='output_norm')
+    activation = ACTIVATIONS[self.hidden_act]
+    xs = tuple(output_norm(x + dropout(output(activation(intermediate(x))))) for x in xs)
+    return (xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1)), xs
 
 
 class Encoder(nn.Module):
@@ -99,30 +115,35 @@ class Encoder(nn.Module):
   attention_dropout: float
   remat: bool = False
   scan: bool = False
+  head_rows: int = 0               # The last layer's head_rows (unrolled only; see EncoderLayer).
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask_bias, train):
-    """Every layer's output, after the input (the embeddings)."""
+    """(every layer's output, after the input (the embeddings); the last layer's output in row
+    groups)."""
     # remat: each layer's activations are recomputed in the backward pass instead of stored
-    # (argument 3, `train`, is a Python bool). Param paths stay encoder/layer_i/...
-    layer = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
+    # (arguments 3 and 4, `train` and `head_rows`, are Python values). Param paths stay
+    # encoder/layer_i/...
+    layer = nn.remat(EncoderLayer, static_argnums=(3, 4)) if self.remat else EncoderLayer
     args = (self.num_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
             self.hidden_dropout, self.attention_dropout)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.scan:
       # One layer's params with a leading layer axis; each step draws its own dropout masks.
+      # One compiled layer serves every layer: the last cannot compute fewer rows.
       layers = nn.scan(layer, variable_axes={'params': 0},
                        split_rngs={'params': True, 'dropout': True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers)
-      _, ys = layers(*args, name='layers', **kw)(x, mask_bias, train)
-      return (x, *(ys[i] for i in range(self.num_layers)))
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.num_layers)
+      _, (ys,) = layers(*args, name='layers', **kw)(x, mask_bias, train, 0)
+      return (x, *(ys[i] for i in range(self.num_layers))), (ys[-1],)
     hidden_states = [x]
     for i in range(self.num_layers):
-      x, _ = layer(*args, name=f'layer_{i}', **kw)(x, mask_bias, train)
+      head_rows = self.head_rows if i == self.num_layers - 1 else 0
+      x, groups = layer(*args, name=f'layer_{i}', **kw)(x, mask_bias, train, head_rows)
       hidden_states.append(x)
-    return tuple(hidden_states)
+    return tuple(hidden_states), groups
 
 
 class Embeddings(nn.Module):
@@ -206,14 +227,18 @@ class Bert(nn.Module):
     x = Embeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
                    self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout,
                    name='embeddings', **kw)(input_ids, token_type_ids, train)
-    hidden_states = Encoder(self.num_layers, self.num_heads, self.intermediate_size,
-                            self.hidden_act, self.layer_norm_eps, self.hidden_dropout,
-                            self.attention_dropout, self.remat, self.scan, name='encoder', **kw)(
-                                x, mask_bias, train)
+    # Under 'cls' pooling the pooler reads one row of the last layer: it computes that row apart
+    # from the rest, which XLA drops when nothing reads them (a classifier's step).
+    hidden_states, last = Encoder(self.num_layers, self.num_heads, self.intermediate_size,
+                                  self.hidden_act, self.layer_norm_eps, self.hidden_dropout,
+                                  self.attention_dropout, self.remat, self.scan,
+                                  1 if self.pooling == 'cls' else 0, name='encoder', **kw)(
+                                      x, mask_bias, train)
     x = hidden_states[-1]
 
     if self.pooling == 'cls':
-      pooled = jnp.tanh(nn.Dense(self.hidden_size, kernel_init=_init, name='pooler', **kw)(x[:, 0]))
+      pooled = jnp.tanh(nn.Dense(self.hidden_size, kernel_init=_init, name='pooler', **kw)(
+          last[0][:, 0]))
     else:
       weights = attention_mask[..., None].astype(x.dtype)
       pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1)
