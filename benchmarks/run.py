@@ -29,10 +29,12 @@ the compiler freed back to the OS after compiling, as train.py does). The jaxtl 
 worker of a (model, mode) are started one after the other (never compiling or loading
 concurrently), warm up, and then take turns, one step each, so slow drifts in machine load hit
 both alike. Times are the median of the timed steps. Compile time is jaxtl's trace + lower +
-compile of the step. FLOP utilisation is the step's FLOPs (XLA cost analysis of jaxtl's compiled
-step, or for a scanned model of the unrolled step as lowered, since the analysis counts a loop
-body once; PyTorch does the same arithmetic) per second over a float32 matmul peak measured by jax in
-this run, at its start and end. The CPU time that other processes used during each measurement
+compile of the step. FLOP utilisation is the FLOPs the step needs (XLA cost analysis of jaxtl's
+compiled step, or for a scanned model of the unrolled step as lowered, since the analysis counts
+a loop body once) per second over a float32 matmul peak measured by jax in this run, at its start
+and end; the same count for both sides, although PyTorch's ViT does more arithmetic (its last
+block computes every token, where jaxtl's computes the class token the head reads: 853 against
+794 GFLOP for the full step). The CPU time that other processes used during each measurement
 is /proc/stat's busy time minus this process tree's own, so a disturbed run shows.
 """
 import argparse
