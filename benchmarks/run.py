@@ -422,7 +422,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true',
                       help='the full fine-tune step only, 1 warm-up and 1 timed step per side '
-                           '(3.5 minutes on a quiet 2-core CPU)')
+                           '(about 3 minutes on a quiet 2-core CPU)')
   parser.add_argument('--models', default=','.join(MODELS),
                       help='comma-separated: bert,vit,resnet (default), mobilenet')
   parser.add_argument('--modes', default=None, help=f'comma-separated: {",".join(MODES)}')
