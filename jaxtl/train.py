@@ -181,7 +181,7 @@ def _frozen_parts_in_inference_mode(frozen_bns, frozen_dropout_scopes):
             and '/'.join(module.path[:-1]) in frozen_dropout_scopes):
         return args[0] if args else kwargs['inputs']
     elif context.method_name == 'drop_path' and '/'.join(module.path) in frozen_dropout_scopes:
-      return args[0]  # Stochastic depth (ViT blocks' drop_path(y, rate, train)) of a frozen block.
+      return args[0]  # Stochastic depth (ViT blocks' drop_path(ys, rate, train)) of a frozen block.
     return next_fun(*args, **kwargs)
   return nn.intercept_methods(intercept)
 
