@@ -141,7 +141,7 @@ def test_gradient_never_reaches_frozen_params(bert):
   full_state = state.replace(opt_state=full_tx.init(params))
   full = flops(lambda s, b: train_lib.train_step(s, b, module=module, tx=full_tx,
                                                  labels=full_labels), full_state, batch)
-  assert step <= 1.1 * fwd, (step, fwd)
+  assert step <= 1.05 * fwd, (step, fwd)  # The target for the frozen step (measured 1.0002).
   assert full > 2 * fwd, (full, fwd)
 
 
