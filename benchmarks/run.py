@@ -399,6 +399,11 @@ def measure(model, mode, steps, warmup, cpus=None, layers='auto'):
   return row
 
 
+def _mode_label(row):
+  """The row's mode, marked '(scan)' where jaxtl ran its layers as one nn.scan."""
+  return row['mode'] + (' (scan)' if row['jaxtl'].get('scan') else '')
+
+
 def _table(rows, peak_gflops):
   header = (f'{"model":10s} {"mode":14s} {"jaxtl s":>8s} {"torch s":>8s} {"ratio":>6s} '
             f'{"cpu":>5s}   '
@@ -408,9 +413,8 @@ def _table(rows, peak_gflops):
   for r in rows:
     j, t = r['jaxtl'], r['torch']
     util = lambda s: 100 * j['flops'] / s / (peak_gflops * 1e9)
-    mode = r['mode'] + (' (scan)' if j.get('scan') else '')
     lines.append(
-        f'{r["model"]:10s} {mode:14s} {j["step_s"]:8.3f} {t["step_s"]:8.3f} '
+        f'{r["model"]:10s} {_mode_label(r):14s} {j["step_s"]:8.3f} {t["step_s"]:8.3f} '
         f'{r["time_ratio"]:6.2f} {r["cpu_ratio"]:5.2f}   {j["compile_s"]:9.1f}   '
         f'{j["peak_delta_mb"]:9,.0f}/{t["peak_delta_mb"]:<9,.0f} {r["memory_ratio"]:6.2f}   '
         f'{util(j["step_s"]):9.0f}% /{util(t["step_s"]):4.0f}%      '
@@ -471,8 +475,7 @@ def main():
     for mode, layers in [(m, f) for m in modes for f in layer_forms(model, m, args.layers)]:
       row = measure(model, mode, steps, args.warmup, cpus, layers)
       rows.append(row)
-      label = mode + (' (scan)' if row['jaxtl']['scan'] else '')
-      print(f'  {model:6s} {label:18s} jaxtl {row["jaxtl"]["step_s"]:7.3f} s  torch '
+      print(f'  {model:6s} {_mode_label(row):18s} jaxtl {row["jaxtl"]["step_s"]:7.3f} s  torch '
             f'{row["torch"]["step_s"]:7.3f} s  ratio {row["time_ratio"]:5.2f}  (others used '
             f'{100 * row["others_share"]:.0f}% of the CPUs; {row["total_s"]:.0f} s)', flush=True)
   if not args.quick:  # A second measurement at the end shows drift; quick saves the time.
