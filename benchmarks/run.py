@@ -36,7 +36,10 @@ a loop body once) per second over a float32 matmul peak measured by jax in this 
 and end; the same count for both sides, although PyTorch's ViT does more arithmetic (its last
 block computes every token, where jaxtl's computes the class token the head reads: 853 against
 794 GFLOP for the full step). The CPU time that other processes used during each measurement
-is /proc/stat's busy time minus this process tree's own, so a disturbed run shows.
+is /proc/stat's busy time minus this process tree's own, so a disturbed run shows. In frozen
+mode the jaxtl worker then also times its own eval forward (same params; the first call, which
+compiles it, is dropped), alternating with more frozen steps: the frozen-step target is a ratio
+to that forward, and two workers started minutes apart drifted by more than the 5 % it allows.
 """
 import argparse
 import datetime
@@ -188,9 +191,34 @@ def jaxtl_worker(model, mode, warmup, layers):
       return metrics['loss']
   timed = lambda: jax.block_until_ready(run())
   flops = unrolled_flops(module, mode, batch) if scan else common.cost(compiled)
-  return timed, dict(base_rss_mb=base_rss, compile_s=compile_s, flops=flops,
-                     xla_memory=common.memory(compiled), scan=scan,
-                     glibc_tunables=os.environ.get('GLIBC_TUNABLES'))
+  commands = {'step': timed}
+  if mode == 'frozen':
+    commands['eval'] = own_eval(module, lambda: holder[0], batch)
+  return commands, dict(base_rss_mb=base_rss, compile_s=compile_s, flops=flops,
+                        xla_memory=common.memory(compiled), scan=scan,
+                        glibc_tunables=os.environ.get('GLIBC_TUNABLES'))
+
+
+def own_eval(module, current_state, batch):
+  """The frozen worker's 'eval' command: one inference forward of the model with the training
+  state's current params, compiled and warmed up by the first call (whose time measure() drops);
+  the issue's frozen-step target is against this forward, so the two are timed in one process,
+  alternating."""
+  import jax
+
+  from benchmarks import accelerator as common
+  compiled = []
+
+  def variables():
+    state = current_state()
+    return {'params': state.params, **state.model_state}
+
+  def timed():
+    if not compiled:
+      compiled.append(jax.jit(common.forward_fn(module)).lower(variables(), batch).compile())
+      jax.block_until_ready(compiled[0](variables(), batch))  # Its warm-up.
+    return jax.block_until_ready(compiled[0](variables(), batch))
+  return timed
 
 
 def torch_model(model):
@@ -274,12 +302,14 @@ def torch_worker(model, mode, warmup, layers=None):
       torch.nn.utils.clip_grad_norm_(params, 1.0)
       optimizer.step()
       return loss
-  return run, dict(base_rss_mb=base_rss, torch_threads=torch.get_num_threads())
+  return {'step': run}, dict(base_rss_mb=base_rss, torch_threads=torch.get_num_threads())
 
 
 def worker_main(spec, warmup):
   """`--worker framework:model:mode:layers`: build, warm up, say ready, then time one step per
-  'step' line on stdin until 'stop', and report peak memory."""
+  'step' line on stdin until 'stop', and report peak memory. jaxtl's frozen worker also takes
+  'eval' (its own inference forward, see own_eval); the peak reported is the one before the
+  first of those, the step's alone."""
   framework, model, mode, layers = spec.split(':')
   if framework == 'jaxtl':
     from jaxtl import train as train_lib
@@ -288,17 +318,22 @@ def worker_main(spec, warmup):
   os.dup2(2, 1)  # Anything else that prints (libraries, XLA) goes to stderr, not the protocol.
   say = lambda obj: (protocol.write(json.dumps(obj) + '\n'), protocol.flush())
   info_cpus = sorted(os.sched_getaffinity(0))
-  run, info = (jaxtl_worker if framework == 'jaxtl' else torch_worker)(model, mode, warmup, layers)
+  commands, info = (jaxtl_worker if framework == 'jaxtl' else torch_worker)(model, mode, warmup,
+                                                                           layers)
   for _ in range(warmup):
-    run()
-  say(dict(ready=True, cpus=info_cpus, **info))
+    commands['step']()
+  say(dict(ready=True, cpus=info_cpus, commands=sorted(commands), **info))
+  peak = None
   for line in sys.stdin:
-    if line.strip() != 'step':
+    command = line.strip()
+    if command not in commands:
       break
+    if command != 'step' and peak is None:
+      peak = rss_mb('VmHWM')  # Before anything but the step compiles or runs.
     start, cpu = time.perf_counter(), time.process_time()
-    run()
+    commands[command]()
     say(dict(step_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu))
-  peak = rss_mb('VmHWM')
+  peak = rss_mb('VmHWM') if peak is None else peak
   say(dict(peak_rss_mb=peak, peak_delta_mb=peak - info['base_rss_mb']))
 
 
@@ -349,9 +384,9 @@ class Worker:
       raise RuntimeError(f'worker {self.spec} died (exit {self.proc.returncode}):\n{tail}')
     return json.loads(line)
 
-  def step(self):
-    """(wall seconds, CPU seconds of the worker) of one step."""
-    self.proc.stdin.write('step\n')
+  def step(self, command='step'):
+    """(wall seconds, CPU seconds of the worker) of one step (or of another command)."""
+    self.proc.stdin.write(command + '\n')
     self.proc.stdin.flush()
     reply = self._read()
     return reply['step_s'], reply['cpu_s']
@@ -383,6 +418,13 @@ def measure(model, mode, steps, warmup, cpus=None, layers='auto'):
   for _ in range(steps):
     times['jaxtl'].append(jaxtl.step())
     times['torch'].append(torch_.step())
+  own_eval = []
+  if 'eval' in jaxtl.info['commands']:
+    # The frozen-step target is against jaxtl's own eval forward: both in this one worker, in
+    # turn (the first eval compiles it; its time is dropped).
+    jaxtl.step('eval')
+    for _ in range(steps):
+      own_eval.append((jaxtl.step('eval')[0], jaxtl.step()[0]))
   disturbance = meter.stop(pids)
   finals = {'jaxtl': jaxtl.stop(), 'torch': torch_.stop()}
   row = dict(model=model, mode=mode, scheme=SCHEMES.get(mode), steps=steps, warmup=warmup,
@@ -396,6 +438,11 @@ def measure(model, mode, steps, warmup, cpus=None, layers='auto'):
   row['time_ratio'] = row['jaxtl']['step_s'] / row['torch']['step_s']
   row['cpu_ratio'] = row['jaxtl']['cpu_s'] / row['torch']['cpu_s']
   row['memory_ratio'] = row['jaxtl']['peak_delta_mb'] / row['torch']['peak_delta_mb']
+  if own_eval:
+    evals, steps_ = zip(*own_eval)
+    row['own_eval'] = dict(eval_s=statistics.median(evals), step_s=statistics.median(steps_),
+                           eval_times_s=evals, step_times_s=steps_)
+    row['own_eval']['ratio'] = row['own_eval']['step_s'] / row['own_eval']['eval_s']
   return row
 
 
@@ -489,6 +536,12 @@ def main():
         f'best jax matmul ({peak:.0f} GFLOP/s). others: CPU share used by other processes while '
         f'timing.')
   print(_table(rows, peak))
+  own = [r for r in rows if 'own_eval' in r]
+  if own:
+    print("\nFrozen-backbone step against jaxtl's own eval forward (one worker, in turn; the "
+          'target is 1.05): ' + ', '.join(
+              f'{r["model"]} {r["own_eval"]["ratio"]:.2f} ({r["own_eval"]["step_s"]:.3f} / '
+              f'{r["own_eval"]["eval_s"]:.3f} s)' for r in own))
   disturbed = '; timings are disturbed' if disturbance['others_share'] > 0.05 else ''
   print(f'\nOther processes used {disturbance["others_cpu_s"]:.0f} CPU-seconds during the '
         f'{disturbance["wall_s"]:.0f} s run ({100 * disturbance["others_share"]:.0f}% of '
