@@ -206,23 +206,23 @@ def jaxtl_worker(model, mode, warmup, layers):
 
 def own_eval(module, current_state, batch):
   """The frozen worker's 'eval' command: one inference forward of the model with the training
-  state's current params, compiled and warmed up by the first call (whose time measure() drops);
-  the issue's frozen-step target is against this forward, so the two are timed in one process,
-  alternating."""
+  state's current params, built as the eval worker builds its own; the first call compiles and
+  warms it up (measure() drops its time). The issue's frozen-step target is against this
+  forward, so the two are timed in one process, alternating."""
   import jax
 
   from benchmarks import accelerator as common
+  from jaxtl import train as train_lib
   compiled = []
 
-  def variables():
-    state = current_state()
-    return {'params': state.params, **state.model_state}
-
   def timed():
+    state = current_state()
+    variables = {'params': state.params, **state.model_state}
     if not compiled:
-      compiled.append(jax.jit(common.forward_fn(module)).lower(variables(), batch).compile())
-      jax.block_until_ready(compiled[0](variables(), batch))  # Its warm-up.
-    return jax.block_until_ready(compiled[0](variables(), batch))
+      compiled.append(common.compile_timed(common.forward_fn(module), variables, batch)[0])
+      train_lib.release_freed_host_memory()  # As the eval worker does once compiled.
+      jax.block_until_ready(compiled[0](variables, batch))
+    return jax.block_until_ready(compiled[0](variables, batch))
   return timed
 
 
