@@ -1,7 +1,7 @@
 """jaxtl.ops.conv2d and Conv: forward and both gradients equal lax.conv_general_dilated's (1x1 as
 a matmul, k x k with the matmul weight gradient, both of its paths: many input channels and few),
-and Conv is nn.Conv with the same params; dot_product_attention equals the einsum form; gelu,
-layer_norm/LayerNorm and the attention's softmax equal jax's and Flax's, values and gradients, and
+and Conv is nn.Conv with the same params; dot_product_attention equals the einsum form; gelu (also
+PyTorch's), layer_norm/LayerNorm and the attention's softmax equal jax's and Flax's, values and gradients, and
 their backward passes keep only what they should; random_bits equals jax.random.bits and Dropout
 nn.Dropout, bit for bit."""
 import contextlib
@@ -282,8 +282,9 @@ def test_dense_and_gelu_backward_passes_wait_for_the_output_gradient(monkeypatch
   """The dense layer's transposed activations and kernel, and GELU's derivative terms, depend on
   forward values alone; without ops._after XLA:CPU computes them in the forward pass (the GELU
   terms shared with the forward's own) and keeps them until the backward pass. A 4-layer
-  residual MLP plans under 0.7x the temporaries it plans without (ViT-B/16 last_blocks: 308 ->
-  234 MiB)."""
+  residual MLP plans 0.74x the temporaries it plans without (10.5 against 14.3 MiB; 0.58x while
+  GELU was jax.nn.gelu's erfc form, whose forward shares more with its derivative; ViT-B/16
+  last_blocks then: 308 -> 234 MiB)."""
   class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -298,7 +299,7 @@ def test_dense_and_gelu_backward_passes_wait_for_the_output_gradient(monkeypatch
                                          params)
   ours = planned()
   monkeypatch.setattr(ops, '_after', lambda x, dy: x)
-  assert ours < 0.7 * planned()
+  assert ours < 0.8 * planned()
 
 
 @pytest.mark.parametrize('backend', ['cpu', 'gpu'])
@@ -365,6 +366,30 @@ def test_gelu_matches_jax_and_keeps_only_its_input(approximate):
   # jax's own GELU keeps intermediates of its derivative as large as x; ours keeps none.
   assert _residual_shapes(reference, x), 'the reference no longer stores intermediates'
   assert _residual_shapes(ours, x) == []
+
+
+@pytest.mark.parametrize('approximate,atol', [(False, 2e-6), (True, 2e-5)])
+def test_gelu_matches_pytorch_values_and_gradients(approximate, atol):
+  """Against torch.nn.functional.gelu (the exact form from erf, as ours; jax.nn.gelu's is erfc)
+  over [-12, 12] and random inputs: values and input gradients within a few float32 ulps of
+  outputs up to 12 (the tanh form's derivative: 1e-5 of gradients up to ~4); bfloat16 stays
+  bfloat16."""
+  import torch  # In the test extra: a missing torch fails, not skips.
+  rng = np.random.default_rng(10)
+  x = np.concatenate([np.linspace(-12, 12, 20001, dtype=np.float32),
+                      rng.standard_normal(4000).astype(np.float32) * 3])
+  dy = rng.standard_normal(x.shape).astype(np.float32)
+  y, vjp = jax.vjp(jax.jit(lambda x: ops.gelu(x, approximate)), jnp.asarray(x))
+  tx = torch.from_numpy(x).requires_grad_(True)
+  ty = torch.nn.functional.gelu(tx, approximate='tanh' if approximate else 'none')
+  ty.backward(torch.from_numpy(dy))
+  np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=0, atol=atol)
+  np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), tx.grad.numpy(), rtol=0,
+                             atol=atol)
+  xb = jnp.asarray(x[::25], jnp.bfloat16)
+  yb, vjp_b = jax.vjp(lambda x: ops.gelu(x, approximate), xb)
+  assert yb.dtype == vjp_b(jnp.ones_like(yb))[0].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(y)[::25], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
