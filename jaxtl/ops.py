@@ -285,7 +285,11 @@ def gelu(x, approximate: bool = False):
   (2 cores). The values differ from the erfc form by at most an ulp of the output."""
   if approximate:
     return jax.nn.gelu(x, approximate=True)
-  return 0.5 * x * (1 + lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+  return x * _normal_cdf(x)
+
+
+def _normal_cdf(x):
+  return 0.5 * (1 + lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 def _gelu_fwd(x, approximate):
@@ -298,9 +302,8 @@ def _gelu_bwd(approximate, x, dy):
   if approximate:
     return jax.vjp(functools.partial(jax.nn.gelu, approximate=True), x)[1](dy)
   # d/dx x Phi(x) = Phi(x) + x phi(x), phi the standard normal density.
-  cdf = 0.5 * (1 + lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
   pdf = jnp.exp(-0.5 * x * x) * (1 / np.sqrt(2 * np.pi)).astype(x.dtype)
-  return (dy * (cdf + x * pdf),)
+  return (dy * (_normal_cdf(x) + x * pdf),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)

@@ -1,9 +1,9 @@
 """jaxtl.ops.conv2d and Conv: forward and both gradients equal lax.conv_general_dilated's (1x1 as
 a matmul, k x k with the matmul weight gradient, both of its paths: many input channels and few),
-and Conv is nn.Conv with the same params; dot_product_attention equals the einsum form; gelu (also
-PyTorch's), layer_norm/LayerNorm and the attention's softmax equal jax's and Flax's, values and gradients, and
-their backward passes keep only what they should; random_bits equals jax.random.bits and Dropout
-nn.Dropout, bit for bit."""
+and Conv is nn.Conv with the same params; dot_product_attention equals the einsum form; gelu
+(also PyTorch's), layer_norm/LayerNorm and the attention's softmax equal jax's and Flax's, values
+and gradients, and their backward passes keep only what they should; random_bits equals
+jax.random.bits and Dropout nn.Dropout, bit for bit."""
 import contextlib
 import io
 
@@ -389,7 +389,8 @@ def test_gelu_matches_pytorch_values_and_gradients(approximate, atol):
   xb = jnp.asarray(x[::25], jnp.bfloat16)
   yb, vjp_b = jax.vjp(lambda x: ops.gelu(x, approximate), xb)
   assert yb.dtype == vjp_b(jnp.ones_like(yb))[0].dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(y)[::25], rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(y)[::25], rtol=2e-2,
+                             atol=2e-2)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
