@@ -180,8 +180,7 @@ def jaxtl_worker(model, mode, warmup, layers):
   batch = jax.device_put(batch)
   variables = common.init_variables(module)
   if mode == 'eval':
-    compiled, compile_s = common.compile_timed(common.forward_fn(module), variables, batch)
-    train_lib.release_freed_host_memory()  # As train.py's evaluation does once compiled.
+    compiled, compile_s = compiled_forward(module, variables, batch)
     run = lambda: compiled(variables, batch)
   else:
     state, step = common.train_setup(module, variables, SCHEMES[mode])
@@ -204,24 +203,30 @@ def jaxtl_worker(model, mode, warmup, layers):
                         glibc_tunables=os.environ.get('GLIBC_TUNABLES'))
 
 
-def own_eval(module, current_state, batch):
-  """The frozen worker's 'eval' command: one inference forward of the model with the training
-  state's current params, built as the eval worker builds its own; the first call compiles and
-  warms it up (measure() drops its time). The issue's frozen-step target is against this
-  forward, so the two are timed in one process, alternating."""
-  import jax
-
+def compiled_forward(module, variables, batch):
+  """(jaxtl's inference forward compiled for these variables and batch, compile seconds), with
+  the heap the compiler freed handed back, as train.py's evaluation does once compiled."""
   from benchmarks import accelerator as common
   from jaxtl import train as train_lib
+
+  compiled, compile_s = common.compile_timed(common.forward_fn(module), variables, batch)
+  train_lib.release_freed_host_memory()
+  return compiled, compile_s
+
+
+def own_eval(module, current_state, batch):
+  """The frozen worker's 'eval' command: one inference forward of the model with the training
+  state's current params, built as the eval worker builds its own; the first call compiles it
+  and is its warm-up (measure() drops its time). The issue's frozen-step target is against this
+  forward, so the two are timed in one process, alternating."""
+  import jax
   compiled = []
 
   def timed():
     state = current_state()
     variables = {'params': state.params, **state.model_state}
     if not compiled:
-      compiled.append(common.compile_timed(common.forward_fn(module), variables, batch)[0])
-      train_lib.release_freed_host_memory()  # As the eval worker does once compiled.
-      jax.block_until_ready(compiled[0](variables, batch))
+      compiled.append(compiled_forward(module, variables, batch)[0])
     return jax.block_until_ready(compiled[0](variables, batch))
   return timed
 
