@@ -120,11 +120,11 @@ def _transposed_matmul(a, b):
 def _after(x, dy):
   """x, made to depend on dy: what the backward pass derives from a forward residual alone (the
   shifted views of a conv's input, a padded copy, a transposed activation or kernel, GELU's
-  derivative terms) XLA:CPU builds as soon as the forward pass has it, and keeps alive until the
-  backward pass reaches that layer: ResNet-50's full step held ~420 MiB of such copies at its
-  peak, ViT-B/16's last_blocks step ~70 MiB. Adding a zero computed from dy makes them wait for
-  the gradient that consumes them. (lax.optimization_barrier does not: XLA:CPU removes it before
-  scheduling.)
+  derivative terms, a LayerNorm's normalised input) XLA:CPU builds as soon as the forward pass
+  has it, and keeps alive until the backward pass reaches that layer: ResNet-50's full step held
+  ~420 MiB of such copies at its peak, ViT-B/16's last_blocks step ~70 MiB, its full step ~100
+  MiB of normalised inputs. Adding a zero computed from dy makes them wait for the gradient that
+  consumes them. (lax.optimization_barrier does not: XLA:CPU removes it before scheduling.)
   The zero is exact and costs one fused add; |s| < -1 is false for every s, NaN included, and
   XLA does not fold it away. Other backends schedule on their own, and there dy may be sharded
   across devices, where reading one of its elements is a collective: x as it is."""
@@ -315,10 +315,11 @@ def layer_norm(x, scale, bias, epsilon: float, dtype=None):
   with statistics in float32 (two-pass variance, as PyTorch) and the result in `dtype` (default:
   x's).
 
-  Its backward pass keeps x, the per-row mean and 1/std, and recomputes the normalised x;
-  autodiff of the same formula stored three more activation-sized tensors per norm (centred,
-  normalised and scaled x). ViT-B/16's full step (batch 8) plans 215 MiB fewer temporaries and
-  compiles 2 s faster; BERT-base's 147 MiB, and its step runs 6 % faster."""
+  Its backward pass keeps x, the per-row mean and 1/std, and recomputes the normalised x once
+  the output gradient has come (`_after`); autodiff of the same formula stored three more
+  activation-sized tensors per norm (centred, normalised and scaled x). ViT-B/16's full step
+  (batch 8) plans 215 MiB fewer temporaries and compiles 2 s faster; BERT-base's 147 MiB, and its
+  step runs 6 % faster."""
   return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
@@ -342,7 +343,9 @@ def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
 
 def _layer_norm_bwd(epsilon, dtype, residuals, dy):
   x, mean, rstd, scale, bias = residuals
-  x_hat = (x.astype(jnp.float32) - mean) * rstd
+  # _after: else XLA:CPU computes x_hat as soon as the forward pass has x and holds it until here
+  # (the sums over it are fusions that do not recompute it): ViT-B/16's full step held 22 of them.
+  x_hat = (_after(x, dy).astype(jnp.float32) - mean) * rstd
   dy = dy.astype(jnp.float32)
   rows = tuple(range(x.ndim - 1))
   d_scale = jnp.sum(dy * x_hat, axis=rows).astype(scale.dtype)

@@ -423,6 +423,27 @@ def test_layer_norm_matches_flax_layer_norm(dtype):
     assert grad.dtype == dtype
 
 
+def test_layer_norm_backward_plans_no_normalised_input_ahead_of_time(monkeypatch):
+  """The backward pass's normalised input depends on forward values alone, and the sums over it
+  are fusions that do not recompute it: without ops._after XLA:CPU computed it in the forward
+  pass and held one per norm until the backward pass (ViT-B/16's full step: 1,064 -> 964 MiB of
+  planned temporaries with it). A pre-LN residual stack of 6 plans 5 activations fewer."""
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(6):
+        x = x + nn.Dense(x.shape[-1])(ops.LayerNorm()(x))
+      return x
+
+  x = jnp.ones((8, 128, 64))
+  params = Stack().init(jax.random.key(0), x)
+  planned = lambda: _planned_temporaries(jax.grad(lambda p: jnp.sum(Stack().apply(p, x) ** 2)),
+                                         params)
+  ours = planned()
+  monkeypatch.setattr(ops, '_after', lambda x, dy: x)
+  assert ours <= planned() - 4 * x.size * 4
+
+
 def _batch_norm_reference(x, scale, bias, epsilon=1e-5):
   """nn.BatchNorm's training-mode arithmetic (float32 statistics, E[x^2] - E[x]^2 clipped at 0),
   returning what ops.batch_norm returns, for jax's autodiff to differentiate."""
