@@ -39,9 +39,11 @@ class TrainState(flax.struct.PyTreeNode):
 # ---------------------------------------------------------------------------------------------
 # Model and optimizer.
 # ---------------------------------------------------------------------------------------------
-def create_model(config, num_classes):
-  """(module, variables) from config.model: a pretrained `source`, or a registry `name`; with
-  LoRA adapters when config.model.lora.rank > 0."""
+def create_model(config, num_classes, mesh=None):
+  """(module, variables) from config.model: a pretrained `source` (host arrays, as read), or a
+  registry `name` (random, initialised on the devices: with a `mesh`, straight into the
+  shardings config.mesh gives the train state, e.g. FSDP's 1/N per device); with LoRA adapters
+  when config.model.lora.rank > 0."""
   mc = config.model
   overrides = dict(mc.get('overrides') or {})
   if mc.get('source'):
@@ -50,7 +52,15 @@ def create_model(config, num_classes):
         dont_load=tuple(mc.get('dont_load') or ()), overrides=overrides)
   elif mc.get('name'):
     module = models.create(mc.name, num_classes=num_classes, **overrides)
-    variables = flax.core.unfreeze(models.init(module, config.seed))
+    shardings = None
+    if mesh is not None:
+      def shardings(abstract):  # By the paths that parallel.create_state gives the variables.
+        abstract = dict(abstract)
+        params = abstract.pop('params')
+        state = parallel.state_shardings(dict(params=params, model_state=abstract), mesh,
+                                         config.get('mesh'), check_rules=False)
+        return dict(params=state['params'], **state['model_state'])
+    variables = flax.core.unfreeze(models.init(module, config.seed, shardings))
   else:
     raise ConfigError('config.model needs `source` (pretrained weights) or `name` (a registry '
                       f'model: {", ".join(sorted(models.REGISTRY))})')
@@ -485,12 +495,12 @@ def train_and_evaluate(config, workdir) -> dict:
   accum_steps = config.get('grad_accum_steps') or 1
   data = load_data(config)
   num_classes = len(data.class_names)
-  module, variables = create_model(config, num_classes)
+  mesh = parallel.make_mesh(config.get('mesh', {}).get('data'))
+  parallel.check_batch_size(config.batch_size, mesh)
+  module, variables = create_model(config, num_classes, mesh)
   params = variables.pop('params')
   model_state = variables  # e.g. batch_stats; {} for BERT.
 
-  mesh = parallel.make_mesh(config.get('mesh', {}).get('data'))
-  parallel.check_batch_size(config.batch_size, mesh)
   if config.batch_size % (accum_steps * mesh.devices.size):
     raise ConfigError(f'config.batch_size = {config.batch_size} is not divisible by '
                       f'config.grad_accum_steps = {accum_steps} times the {mesh.devices.size} '

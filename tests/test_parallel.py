@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 import distributed_worker
 from conftest import ROOT
 from jaxtl import freeze, parallel
+from jaxtl import train as train_lib
 from jaxtl.errors import ConfigError
 
 FSDP = dict(fsdp=True, fsdp_min_size=1024)  # bert-tiny's matrices are 1-8K elements.
@@ -67,6 +68,22 @@ def test_mesh_of_8_devices_equals_one_device():
       assert array.addressable_shards[0].data.shape == shard_shape
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
                            jax.device_get(one.params), jax.device_get(state.params))
+
+
+def test_random_init_is_created_in_its_shardings():
+  """A registry model's random params come out of the init already FSDP-sharded (each device
+  computed 1/8 of every large array, none held it whole), with the values of the plain init."""
+  config = distributed_worker.smoke_config(mesh=dict(data=-1, **FSDP))
+  mesh = parallel.make_mesh(8)
+  _, plain = train_lib.create_model(config, num_classes=4)
+  _, sharded = train_lib.create_model(config, num_classes=4, mesh=mesh)
+  kernel = sharded['params']['encoder']['layer_0']['intermediate']['kernel']  # (32, 64)
+  assert kernel.sharding.spec == P(None, 'data') and len(kernel.sharding.device_set) == 8
+  assert {shard.data.shape for shard in kernel.addressable_shards} == {(32, 8)}
+  bias = sharded['params']['encoder']['layer_0']['intermediate']['bias']  # Under the threshold.
+  assert bias.sharding.is_fully_replicated
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b),
+                         jax.device_get(plain), jax.device_get(sharded))
 
 
 def test_shard_batch_and_mesh_checks():

@@ -50,14 +50,21 @@ def create(name: str, **overrides):
   return REGISTRY[name](**overrides)
 
 
-def init(module, seed: int = 0):
+def init(module, seed: int = 0, shardings=None):
   """Random variables for `module`, from its example inputs, in one jitted init. The key is
   `ops.fused_key(seed)`: jax.random.key(seed)'s values, without the temporaries of jax's threefry
   loop on the CPU (BERT-base's init plans 20 MiB of them, not 289). The init is compiled first and
   the heap the compiler freed is handed back before it runs: the params would otherwise be placed
   above it (ResNet-50's init peaked 320 MiB above the baseline, now 250; see
-  host_memory.release_freed_host_memory)."""
-  init_fn = jax.jit(lambda: module.init(ops.fused_key(seed), *module.example_inputs()))
-  compiled = init_fn.lower().compile()
+  host_memory.release_freed_host_memory).
+
+  `shardings`, if given, maps the variables' structure (their jax.eval_shape) to a sharding for
+  each (train.create_model passes config.mesh's): the init is then compiled with those
+  out_shardings, so each device computes and holds only its own shard of every variable and a
+  model too large for one device is never whole on any (the values are the same: jax's
+  partitionable threefry draws the same numbers whatever the sharding)."""
+  init_fn = lambda: module.init(ops.fused_key(seed), *module.example_inputs())
+  out_shardings = None if shardings is None else shardings(jax.eval_shape(init_fn))
+  compiled = jax.jit(init_fn, out_shardings=out_shardings).lower().compile()
   host_memory.release_freed_host_memory()
   return compiled()
