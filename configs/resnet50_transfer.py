@@ -19,7 +19,7 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = dict(source='hf:microsoft/resnet-50', arch='', name='', dont_load=[],
-                      overrides={})
+                      overrides=dict(dtype='float32'))
   # Preprocessing (size, mean/std, crop, channel order) comes from the weights' pretrained_cfg.
   config.data = dict(kind='image_tfds', name='tf_flowers', path='', test_path='',
                      test_fraction=0.2, train_split='', test_split='', max_train_examples=0,
@@ -37,6 +37,8 @@ def get_config():
   config.batch_size = 32
   config.log_every_steps = 10
   config.checkpoint_every_steps = 200
+  config.grad_accum_steps = 1   # k > 1: each step averages the gradients of k micro-batches.
+  config.on_nonfinite = 'stop'  # Or 'skip': a non-finite loss/gradient skips the update.
   # data=-1: all devices; fsdp: shard params and optimizer state over them (README).
   config.mesh = dict(data=-1, fsdp=False, fsdp_min_size=2**16, rules=[])
   # A head-only phase on fixed inputs trains on features computed once: auto|memory|disk|off.

@@ -11,7 +11,7 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = dict(name='bert-tiny', source='', dont_load=[], overrides=dict(
-      hidden_dropout=0.0, attention_dropout=0.0, dtype='float32', remat=False))
+      hidden_dropout=0.0, attention_dropout=0.0, dtype='float32', remat=False, scan=False))
   # Synthetic keyword data; the other fields are there so that the CLI can point it elsewhere.
   config.data = dict(kind='synthetic', num_classes=4, path='', test_path='', test_fraction=0.2,
                      max_length=16, text_field='', label_field='', name='', train_split='',

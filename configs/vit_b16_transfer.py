@@ -37,7 +37,7 @@ def get_config():
       # The in21k ViTModel's pooler is the paper's pre-logits layer: dropped for fine-tuning.
       dont_load=[r'pre_logits/.*'],
       overrides=dict(image_size=384, representation_size=None, dropout_rate=0.0,
-                     resample_method='bilinear', scan=True, remat=True))
+                     resample_method='bilinear', scan=True, remat=True, dtype='float32'))
   # Preprocessing (mean/std 0.5) comes from the weights' pretrained_cfg; the size from here.
   config.data = dict(kind='image_tfds', name='cifar10', path='', test_path='', test_fraction=0.0,
                      train_split='train', test_split='test', max_train_examples=0,
@@ -45,11 +45,14 @@ def get_config():
                      augment='crop_flip', crop_scale=(0.7, 0.8))
   config.freeze = dict(scheme='full')
   config.optim = dict(name='sgd', lr=0.03, momentum=0.9, nesterov=False, weight_decay=0.0,
-                      schedule='cosine', warmup_steps=500, clip_norm=1.0)
+                      schedule='cosine', warmup_steps=500, clip_norm=1.0,
+                      mu_dtype='')  # mu_dtype='bfloat16': the momentum in bf16.
   config.batch_size = 512
   config.num_epochs = 100
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
+  config.grad_accum_steps = 1   # k > 1: each step averages the gradients of k micro-batches.
+  config.on_nonfinite = 'stop'  # Or 'skip': a non-finite loss/gradient skips the update.
   # data=-1: all devices; fsdp: shard params and optimizer state over them (README).
   config.mesh = dict(data=-1, fsdp=False, fsdp_min_size=2**16, rules=[])
   # A head-only phase on fixed inputs trains on features computed once: auto|memory|disk|off.

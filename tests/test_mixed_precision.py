@@ -49,6 +49,19 @@ def test_bf16_compute_keeps_float32_master_weights():
   np.testing.assert_allclose(logits, reference, atol=0.05)  # bf16 keeps ~3 significant digits.
 
 
+def test_bf16_compute_in_vit_keeps_float32_master_weights():
+  module = models.create('vit-ti16', num_classes=4, dtype=jnp.bfloat16, **TINY_VIT)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+  variables = module.init(jax.random.key(0), x)
+  assert {p.dtype for p in jax.tree_util.tree_leaves(variables)} == {jnp.dtype('float32')}
+  logits, out = module.apply(variables, x)
+  assert out['encoded'].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  reference = models.create('vit-ti16', num_classes=4, **TINY_VIT).apply(variables, x)[0]
+  np.testing.assert_allclose(logits, reference, atol=0.05)  # bf16 keeps ~3 significant digits.
+  grads = _grads(module, variables, x, labels=jnp.array([0, 1, 2, 3]))
+  assert {g.dtype for g in jax.tree_util.tree_leaves(grads)} == {jnp.dtype('float32')}
+
+
 def test_bf16_bert_embedding_gradients_accumulate_in_float32():
   """Embedding rows are looked up in float32: the table's gradient is a float32 scatter-add,
   never a bf16 one (nor a cast of the whole table)."""
@@ -75,3 +88,20 @@ def test_bf16_first_moments_and_a_bf16_training_run(tmp_path):
   assert sum(x.dtype == jnp.float32 for x in moments) == n_params   # nu
   result = train_lib.train_and_evaluate(config, tmp_path)
   assert result['test_acc'] >= 0.8, result
+
+
+def test_bf16_sgd_momentum():
+  """mu_dtype applies to SGD's momentum as to Adam's first moment."""
+  import ml_collections
+  params = {'dense': {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros((4,))}}
+  labels = freeze.label_params(params, [('.*', 'trainable')], None)
+  optim = ml_collections.ConfigDict(dict(name='sgd', lr=0.1, momentum=0.9, schedule='constant',
+                                         mu_dtype='bfloat16'))
+  tx, _ = train_lib.make_optimizer(optim, labels, 10)
+  state = tx.init(params)
+  traces = [x for x in jax.tree_util.tree_leaves(state) if x.ndim]
+  assert [x.dtype for x in traces] == [jnp.dtype('bfloat16')] * 2
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, state = tx.update(grads, state, params)
+  assert {u.dtype for u in jax.tree_util.tree_leaves(updates)} == {jnp.dtype('float32')}
+  np.testing.assert_allclose(updates['dense']['kernel'], -0.1)  # The first step: -lr * g.

@@ -35,7 +35,7 @@ def test_b16_transfer_recipe_builds_and_trains_at_384(tmp_path):
   config.model.source = str(tmp_path / 'vit224')
   assert config.optim.to_dict() == dict(name='sgd', lr=0.03, momentum=0.9, nesterov=False,
                                         weight_decay=0.0, schedule='cosine', warmup_steps=500,
-                                        clip_norm=1.0)
+                                        clip_norm=1.0, mu_dtype='')
 
   module, variables = train_lib.create_model(config, 10)
   params = variables['params']
