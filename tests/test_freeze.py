@@ -145,6 +145,48 @@ def test_gradient_never_reaches_frozen_params(bert):
   assert full > 2 * fwd, (full, fwd)
 
 
+CHAINS = {  # The optimizer chains a config can ask for (train.make_optimizer).
+    'adamw+decay+clip': dict(name='adamw', lr=1e-3, weight_decay=0.01, clip_norm=1.0),
+    'adamw': dict(name='adamw', lr=1e-3, weight_decay=0.0, clip_norm=0.0),
+    'sgd+momentum+decay+clip': dict(name='sgd', lr=1e-2, momentum=0.9, weight_decay=1e-4,
+                                    clip_norm=1.0),
+    'sgd': dict(name='sgd', lr=1e-2, momentum=0.0, weight_decay=0.0, clip_norm=0.0),
+}
+IMAGE_MODELS = {
+    'vit': ('vit-ti16', dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2,
+                             num_heads=2, mlp_dim=64)),
+    'resnet': ('resnet18', {}),  # Frozen BatchNorms run on their running statistics.
+}
+
+
+@pytest.mark.parametrize('chain', CHAINS)
+@pytest.mark.parametrize('model', IMAGE_MODELS)
+def test_frozen_step_costs_the_forward_under_any_chain(model, chain):
+  """linear_probe: the compiled step's FLOPs (XLA's cost analysis) stay within the issue's 1.05x
+  of the eval forward's, whatever the optimizer, decay and clipping."""
+  name, overrides = IMAGE_MODELS[model]
+  module = models.create(name, num_classes=5, **overrides)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
+  variables = module.init(jax.random.key(0), images)
+  params, model_state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
+  labels = freeze.label_params(params, 'linear_probe', module)
+  optim = ml_collections.ConfigDict(dict(CHAINS[chain], warmup_fraction=0.0, schedule='constant'))
+  tx, _ = train_lib.make_optimizer(optim, labels, 10)
+  state = train_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+      opt_state=tx.init(freeze.split(params, labels)[0]), rng=jax.random.PRNGKey(0))
+  batch = {'images': images, 'label': jnp.zeros(8, jnp.int32)}
+  frozen_bns = train_lib.frozen_batchnorms(model_state, labels)
+  assert bool(frozen_bns) == (model == 'resnet')
+
+  def flops(fn, *args):
+    return jax.jit(fn).lower(*args).compile().cost_analysis()['flops']
+  fwd = flops(lambda v, x: module.apply(v, x, train=False)[0], variables, images)
+  step = flops(lambda s, b: train_lib.train_step(s, b, module=module, tx=tx, labels=labels,
+                                                 frozen_bns=frozen_bns), state, batch)
+  assert fwd < step <= 1.05 * fwd, (step, fwd)
+
+
 def test_summary_table(bert):
   module, params = bert
   labels = freeze.label_params(params, 'linear_probe', module)
