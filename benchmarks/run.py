@@ -479,6 +479,18 @@ def _table(rows, peak_gflops):
   return '\n'.join(lines)
 
 
+def default_out(quick, directory=None, today=None):
+  """benchmarks/results/<date>.json (<date>-quick.json for --quick); a later run the same day
+  gets -2, -3, ...: an earlier result is never overwritten."""
+  directory = pathlib.Path(directory or ROOT / 'benchmarks' / 'results')
+  stem = (today or datetime.date.today()).isoformat() + ('-quick' if quick else '')
+  out, n = directory / f'{stem}.json', 1
+  while out.exists():
+    n += 1
+    out = directory / f'{stem}-{n}.json'
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true',
@@ -490,7 +502,7 @@ def main():
   parser.add_argument('--steps', type=int, default=None, help='timed steps per side (default 5)')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after compiling')
   parser.add_argument('--out', default=None, help='JSON path (default benchmarks/results/'
-                      'run-<date>[-quick].json)')
+                      '<date>[-quick].json, numbered -2, -3, ... when taken)')
   parser.add_argument('--cpus', default=None,
                       help='pin both frameworks to these CPUs, e.g. "0" for a one-core comparison '
                            '(default: all cores)')
@@ -566,8 +578,7 @@ def main():
       worker_cpus=sorted(cpus) if cpus else 'all', layers=args.layers,
       matmul_gflops=peaks, peak_gflops=peak, disturbance=disturbance,
       method=__doc__.split('Method. ')[1].strip(), rows=rows)
-  out = pathlib.Path(args.out) if args.out else ROOT / 'benchmarks' / 'results' / (
-      f'run-{datetime.date.today().isoformat()}{"-quick" if args.quick else ""}.json')
+  out = pathlib.Path(args.out) if args.out else default_out(args.quick)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=1))
   print(f'wrote {out}')
