@@ -38,6 +38,7 @@ test: $(VENV)/.test $(FASHION_MNIST)
 bench: $(VENV)/.test
 	$(VENV)/bin/python -m benchmarks.run
 	$(VENV)/bin/python -m benchmarks.freeze_schemes
+	$(VENV)/bin/python -m benchmarks.feature_cache
 
 clean:
 	rm -rf $(VENV) runs
