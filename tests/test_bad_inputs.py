@@ -449,9 +449,10 @@ _CREATE_MODEL = train_lib.create_model
 _MODELS = {}
 
 
-def _create_model_once(config, num_classes):
+def _create_model_once(config, num_classes, mesh=None):
   """train.create_model, memoised by model and class count: these cases are about other fields,
-  and compiling a BERT's init again for each (5-10 s on 2 cores) would dominate the file."""
+  and compiling a BERT's init again for each (5-10 s on 2 cores) would dominate the file. The
+  variables come unsharded whatever the mesh; the train state places them in its shardings."""
   key = (config.model.get('name'), config.model.get('source'), num_classes)
   if key not in _MODELS:
     _MODELS[key] = _CREATE_MODEL(config, num_classes)
@@ -486,6 +487,8 @@ CONFIG_CASES = [
      ConfigError, ["config.phases[0] has unknown field(s) ['epochs']", 'num_epochs'], True),
     ('bad-optimizer-name', {'optim.name': 'adam'}, ConfigError,
      ["config.optim.name 'adam' is not one of adamw, sgd"], True),
+    ('bad-mu-dtype', {'optim.mu_dtype': 'bf16'}, ConfigError,
+     ["config.optim.mu_dtype 'bf16' is not a float dtype such as 'bfloat16'"], True),
     ('bad-schedule', {'optim.schedule': 'step'}, ConfigError,
      ["config.optim.schedule 'step' is not one of linear, cosine, constant"], True),
     ('bad-bn-mode', {'bn_mode': 'frozen'}, ConfigError,
