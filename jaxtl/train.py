@@ -102,14 +102,15 @@ def make_optimizer(optim, labels, total_steps):
   # mu_dtype 'bfloat16' keeps the first moment (Adam's mu, SGD's momentum) in bf16: half its
   # memory. Adam's second moment stays float32: with b2 = 0.999 a step changes it by ~0.1 %,
   # below bf16's resolution (0.4 %), so stored in bf16 most of its updates would round away.
-  given = optim.get('mu_dtype') or None
-  try:
-    mu_dtype = given and jnp.dtype(given)
-  except TypeError:
-    mu_dtype = None
-  if given and (mu_dtype is None or not jnp.issubdtype(mu_dtype, jnp.floating)):
-    raise ConfigError(f'config.optim.mu_dtype {given!r} is not a float dtype such as '
-                      "'bfloat16' or 'float32' ('' keeps the params' dtype)")
+  mu_dtype = optim.get('mu_dtype') or None
+  if mu_dtype is not None:
+    try:
+      is_float = jnp.issubdtype(jnp.dtype(mu_dtype), jnp.floating)
+    except TypeError:  # Not a dtype name at all.
+      is_float = False
+    if not is_float:
+      raise ConfigError(f'config.optim.mu_dtype {mu_dtype!r} is not a float dtype such as '
+                        "'bfloat16' or 'float32' ('' keeps the params' dtype)")
 
   def make_tx(group):  # The same optimizer for every group; partition scales each group's LR.
     if name == 'adamw':

@@ -7,12 +7,15 @@ import sys
 from conftest import ROOT
 from jaxtl import train as train_lib
 
+# The benchmark's processes as a user starts them from the repository root, on the CPU.
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+
 
 def test_jaxtl_worker_restarts_under_host_malloc_and_speaks_its_protocol():
   """One jaxtl worker (ResNet-50's eval forward): it restarts itself under the host malloc
   settings as train.py does, then says ready, times one step and reports its peak memory on
   the protocol descriptor, which must survive that restart."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  env = dict(ENV)
   env.pop('GLIBC_TUNABLES', None)
   out = subprocess.run(
       [sys.executable, '-m', 'benchmarks.run', '--worker', 'jaxtl:resnet:eval:unrolled',
@@ -30,10 +33,9 @@ def test_frozen_worker_times_its_own_eval_forward_in_turn_with_the_step():
   """The frozen-step target is a ratio to jaxtl's own eval forward, so the frozen worker also
   answers 'eval' (the forward with the state's current params), in turn with 'step'; the peak it
   reports is the step's, read before the forward compiled."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
   out = subprocess.run(
       [sys.executable, '-m', 'benchmarks.run', '--worker', 'jaxtl:resnet:frozen:unrolled',
-       '--warmup', '0'], input='step\neval\nstep\neval\nstop\n', env=env, cwd=ROOT,
+       '--warmup', '0'], input='step\neval\nstep\neval\nstop\n', env=ENV, cwd=ROOT,
       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   ready, *replies, final = [json.loads(line) for line in out.stdout.splitlines()]
@@ -50,10 +52,9 @@ def test_the_driver_runs_both_sides_and_writes_ratios(tmp_path):
   the matmul peak, both workers, the ratio table and the JSON with every figure the README
   reads."""
   out = tmp_path / 'run.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
   proc = subprocess.run(
       [sys.executable, '-m', 'benchmarks.run', '--models', 'mobilenet', '--modes', 'eval',
-       '--steps', '1', '--warmup', '0', '--out', str(out)], env=env, cwd=ROOT,
+       '--steps', '1', '--warmup', '0', '--out', str(out)], env=ENV, cwd=ROOT,
       capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Other processes used' in proc.stdout and f'wrote {out}' in proc.stdout
@@ -84,13 +85,12 @@ def test_default_output_never_overwrites(tmp_path):
 def test_accelerator_script_smoke_on_the_cpu(tmp_path):
   """benchmarks/accelerator.py on tiny models (the GPU figures come from a real accelerator):
   refuses a CPU unless told, then reports throughput and MFU for ViT and BERT in bf16."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
-  refused = subprocess.run([sys.executable, '-m', 'benchmarks.accelerator'], env=env, cwd=ROOT,
+  refused = subprocess.run([sys.executable, '-m', 'benchmarks.accelerator'], env=ENV, cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
   assert refused.returncode == 2 and '--allow_cpu' in refused.stderr
   out = tmp_path / 'acc.json'
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.accelerator', '--allow_cpu', '--tiny',
-                         '--out', str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
+                         '--out', str(out)], env=ENV, cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())

@@ -1,11 +1,10 @@
 """Every config under configs/ takes the README's memory-and-precision flags: the CLI rejects a
 field a config does not have, so a flag the README shows must exist wherever it applies."""
-import importlib.util
 import re
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_config
 from jaxtl import models
 
 CONFIGS = sorted((ROOT / 'configs').glob('*.py'))
@@ -17,13 +16,6 @@ def _readme_flags():
   section = text[text.index('**Memory and precision:**'):]
   section = section[:section.index('\n\n')]
   return sorted(set(re.findall(r'--config\.([\w.]+)=', section)))
-
-
-def _load(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _has(config, dotted):
@@ -51,7 +43,7 @@ def test_readme_lists_the_flags():
 
 @pytest.mark.parametrize('path', CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_has_the_readme_flags(path):
-  config = _load(path)
+  config = load_config(path.stem)
   missing = [f for f in _readme_flags() if _applies(config, f) and not _has(config, f)]
   assert not missing, f'{path.name} lacks {missing}'
   if config.model.get('name'):  # A registry model builds with the precision flag set.

@@ -116,6 +116,11 @@ def test_training_moves_exactly_the_trainable_params(bert, scheme):
   assert sum(adam_sizes) == 2 * n_trainable  # mu and nu, once each.
 
 
+def _flops(fn, *args):
+  """XLA's cost-analysis FLOPs of fn compiled for args."""
+  return jax.jit(fn).lower(*args).compile().cost_analysis()['flops']
+
+
 def test_gradient_never_reaches_frozen_params(bert):
   """The step's jaxpr differentiates the trainable subtree only: under linear_probe the compiled
   step costs barely more than the forward pass, clipping included."""
@@ -130,17 +135,15 @@ def test_gradient_never_reaches_frozen_params(bert):
                                opt_state=tx.init(trainable), rng=jax.random.PRNGKey(0))
   ids = jnp.ones((8, 32), jnp.int32)
   batch = {'input_ids': ids, 'label': jnp.zeros(8, jnp.int32)}
-
-  def flops(fn, *args):
-    return jax.jit(fn).lower(*args).compile().cost_analysis()['flops']
-  fwd = flops(lambda p, b: module.apply({'params': p}, b['input_ids'], train=False)[0], params, batch)
-  step = flops(lambda s, b: train_lib.train_step(s, b, module=module, tx=tx, labels=labels), state,
+  fwd = _flops(lambda p, b: module.apply({'params': p}, b['input_ids'], train=False)[0], params,
                batch)
+  step = _flops(lambda s, b: train_lib.train_step(s, b, module=module, tx=tx, labels=labels),
+                state, batch)
   full_labels = freeze.label_params(params, 'full', module)
   full_tx, _ = train_lib.make_optimizer(optim, full_labels, 10)
   full_state = state.replace(opt_state=full_tx.init(params))
-  full = flops(lambda s, b: train_lib.train_step(s, b, module=module, tx=full_tx,
-                                                 labels=full_labels), full_state, batch)
+  full = _flops(lambda s, b: train_lib.train_step(s, b, module=module, tx=full_tx,
+                                                  labels=full_labels), full_state, batch)
   assert step <= 1.05 * fwd, (step, fwd)  # The issue's target for the frozen step (measured 1.0002).
   assert full > 2 * fwd, (full, fwd)
 
@@ -179,11 +182,9 @@ def test_frozen_step_costs_the_forward_under_any_chain(model, chain):
   frozen_bns = train_lib.frozen_batchnorms(model_state, labels)
   assert bool(frozen_bns) == (model == 'resnet')
 
-  def flops(fn, *args):
-    return jax.jit(fn).lower(*args).compile().cost_analysis()['flops']
-  fwd = flops(lambda v, x: module.apply(v, x, train=False)[0], variables, images)
-  step = flops(lambda s, b: train_lib.train_step(s, b, module=module, tx=tx, labels=labels,
-                                                 frozen_bns=frozen_bns), state, batch)
+  fwd = _flops(lambda v, x: module.apply(v, x, train=False)[0], variables, images)
+  step = _flops(lambda s, b: train_lib.train_step(s, b, module=module, tx=tx, labels=labels,
+                                                  frozen_bns=frozen_bns), state, batch)
   assert fwd < step <= 1.05 * fwd, (step, fwd)
 
 
